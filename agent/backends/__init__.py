@@ -1,0 +1,36 @@
+"""Decision backends, looked up by name and imported only when chosen.
+
+A new backend is one module with a `Backend` subclass plus one line in
+`BACKENDS`; the server does not change.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from agent.backends.base import Backend, BackendError, Decision, EnvInfo, Observation
+
+BACKENDS: dict[str, str] = {}
+
+
+def load_backend(name: str, env: EnvInfo, model: str | None = None, **options: Any) -> Backend:
+    """Instantiate the backend registered as `name`."""
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise BackendError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+    module_name, class_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(env, model, **options)
+
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "Decision",
+    "EnvInfo",
+    "Observation",
+    "load_backend",
+]
