@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -18,6 +19,85 @@ def _doctor(args: argparse.Namespace) -> int:
     from agent.doctor import report
 
     return report(as_json=args.json)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run the decision server until SIGINT/SIGTERM."""
+    from agent.serve import serve
+
+    return serve(args)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """Create CURVE key pairs for `agent serve --curve DIR` and its robots."""
+    from agent.curve import create_keys
+
+    for path in create_keys(args.directory, tuple(args.client or ["client"])):
+        print(path)
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="serve next-action decisions to robots over ZeroMQ")
+    serve.add_argument("--env", required=True, help="gymnasium env id, e.g. tabletop/PickPlace-v0")
+    serve.add_argument(
+        "--backend",
+        default=None,
+        help="decision backend (default: oracle for skill envs, else zero)",
+    )
+    serve.add_argument("--model", default=None, help="model path or id for the backend")
+    serve.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    serve.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write every finished episode to DIR/*.parquet",
+    )
+    serve.add_argument("--max-batch", type=int, default=16, help="most robots per backend call")
+    serve.add_argument(
+        "--batch-timeout-ms",
+        type=float,
+        default=2.0,
+        help="longest a request waits for others to join its batch",
+    )
+    serve.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=16.0,
+        help="largest accepted message (enforced by ZeroMQ)",
+    )
+    serve.add_argument(
+        "--episode-timeout-s",
+        type=float,
+        default=30.0,
+        help="close an episode as truncated after this long without a message",
+    )
+    serve.add_argument(
+        "--reload-every-s",
+        type=float,
+        default=None,
+        help="ask the backend for newer weights this often",
+    )
+    serve.add_argument(
+        "--curve",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="require CURVE authentication with the keys in DIR (see `agent keys`)",
+    )
+    serve.add_argument("--quiet", action="store_true", help="no periodic statistics")
+    serve.set_defaults(handler=_serve)
+
+    keys = sub.add_parser("keys", help="create CURVE key pairs for authenticated robots")
+    keys.add_argument("directory", type=Path, help="where to write the keys")
+    keys.add_argument(
+        "--client",
+        action="append",
+        default=None,
+        help="client key name (repeatable; default: client)",
+    )
+    keys.set_defaults(handler=_keys)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check the installation (torch, Horovod, MuJoCo)")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
     doctor.set_defaults(handler=_doctor)
+    _add_serve(sub)
     return parser
 
 

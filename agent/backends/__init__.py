@@ -11,7 +11,10 @@ from typing import Any
 
 from agent.backends.base import Backend, BackendError, Decision, EnvInfo, Observation
 
-BACKENDS: dict[str, str] = {}
+BACKENDS: dict[str, str] = {
+    "oracle": "agent.backends.oracle:OracleBackend",
+    "zero": "agent.backends.zero:ZeroBackend",
+}
 
 
 def load_backend(name: str, env: EnvInfo, model: str | None = None, **options: Any) -> Backend:

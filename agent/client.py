@@ -1,0 +1,192 @@
+"""The robot's side of the runtime: a DEALER socket with timeouts and reconnects.
+
+`AgentClient` is NOT thread-safe (ZeroMQ sockets are not): use one client per
+thread or process. Every request carries a fresh request id and only the
+reply with that id is returned, so a reply that arrives late (after a
+timeout) is dropped and never taken for the current one. After a timeout the
+socket is closed (LINGER 0) and a new one connects, so a restarted server is
+picked up; `retries` resends the request that many times.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from agent import protocol as P
+from agent.backends.base import Decision
+from agent.curve import CurveKeys
+
+DEFAULT_TIMEOUT_MS = 10_000
+_robot_counter = itertools.count()
+
+
+class AgentTimeout(TimeoutError):
+    """No reply within the timeout (server down, overloaded or unreachable)."""
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class DecisionReply:
+    """A decision plus what the server says about how it was made."""
+
+    decision: Decision
+    request_id: int
+    episode_id: str
+    step: int
+    model_id: str
+    model_version: str
+    timing: dict[str, float]  # queue_ms, inference_ms, batch_size
+    latency_ms: float  # measured by this client, send to reply
+
+
+def default_robot_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{next(_robot_counter)}"
+
+
+class AgentClient:
+    """Talks to `agent serve`. One instance per thread; see the module docstring."""
+
+    def __init__(self, endpoint: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS,
+                 robot_id: str | None = None, retries: int = 0,
+                 curve: CurveKeys | None = None, context: zmq.Context | None = None) -> None:  # fmt: skip
+        self.endpoint = endpoint
+        self.timeout_ms = timeout_ms
+        self.robot_id = robot_id or default_robot_id()
+        self.retries = retries
+        self.curve = curve
+        self._context = context or zmq.Context.instance()
+        self._ids = itertools.count(1)
+        self._socket: zmq.Socket | None = None
+        self._metadata: dict[str, Any] | None = None
+        self.reconnects = 0
+        self.stale_replies = 0
+        self._connect()
+
+    # ------------------------------------------------------------------ socket
+
+    def _connect(self) -> None:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            if self.curve.server_public is None:
+                raise ValueError("CURVE client keys need the server's public key")
+            sock.curve_serverkey = self.curve.server_public
+            sock.curve_publickey = self.curve.public
+            sock.curve_secretkey = self.curve.secret
+        sock.connect(self.endpoint)
+        self._socket = sock
+
+    def reconnect(self) -> None:
+        """Drop the socket (and any reply still on its way) and connect a new one."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self.reconnects += 1
+        self._connect()
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def _request(self, build: Any) -> tuple[P.Reply, float]:
+        """Send `build(request_id)`, return the matching reply and its latency in ms."""
+        if self._socket is None:
+            raise RuntimeError("client is closed")
+        for attempt in range(self.retries + 1):
+            request_id = next(self._ids)
+            payload = build(request_id)
+            limit = (self._metadata or {}).get("max_message_bytes")
+            if limit is not None and len(payload) > limit:
+                raise ValueError(f"message of {len(payload)} bytes exceeds the server's "
+                                 f"limit of {limit} bytes")  # fmt: skip
+            sent = time.perf_counter()
+            self._socket.send(payload, copy=len(payload) < 65536)
+            reply = self._await(request_id, sent)
+            if reply is not None:
+                return reply, 1e3 * (time.perf_counter() - sent)
+            self.reconnect()
+            if attempt == self.retries:
+                break
+        raise AgentTimeout(f"no reply from {self.endpoint} within {self.timeout_ms} ms "
+                           f"({self.retries + 1} attempt(s))")  # fmt: skip
+
+    def _await(self, request_id: int, sent: float) -> P.Reply | None:
+        deadline = sent + self.timeout_ms / 1000.0
+        assert self._socket is not None
+        while (left := deadline - time.perf_counter()) > 0:
+            if not self._socket.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                continue
+            reply = P.parse_reply(self._socket.recv(copy=False).buffer)
+            if reply.request_id == request_id:
+                if reply.type == "error":
+                    raise ServerError(reply.error_code or "?", reply.error_message or "")
+                return reply
+            self.stale_replies += 1  # a late answer to an earlier, timed-out request
+        return None
+
+    def hello(self) -> dict[str, Any]:
+        """Handshake: the server's metadata (protocol, env, spaces, backend, limits)."""
+        reply, _ = self._request(lambda rid: P.encode_hello(rid, self.robot_id))
+        metadata = reply.body.get("metadata")
+        if not isinstance(metadata, dict):
+            raise P.ProtocolError(P.BAD_MESSAGE, "handshake reply carries no metadata")
+        self._metadata = metadata
+        return metadata
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self._metadata if self._metadata is not None else self.hello()
+
+    def decide(self, *, episode_id: str, step: int,
+               images: dict[str, np.ndarray] | None = None, state: np.ndarray | None = None,
+               instruction: str = "", options: list[str] | tuple[str, ...] = (),
+               sim: dict[str, Any] | None = None, reward: float | None = None) -> DecisionReply:  # fmt: skip
+        """Ask for the next decision; `reward` is what the previous decision earned."""
+        reply, latency_ms = self._request(lambda rid: P.encode_decide(
+            rid, self.robot_id, episode_id, step, images=images, state=state,
+            instruction=instruction, options=options, sim=sim, reward=reward))  # fmt: skip
+        if reply.type != "decision" or reply.decision is None:
+            raise P.ProtocolError(P.BAD_MESSAGE, f"expected a decision reply, got {reply.type!r}")
+        if reply.episode_id != episode_id or reply.step != step:
+            raise P.ProtocolError(P.BAD_MESSAGE, f"reply for episode {reply.episode_id} step "
+                                  f"{reply.step}, asked for {episode_id} step {step}")  # fmt: skip
+        return DecisionReply(reply.decision, reply.request_id or 0, episode_id, step,
+                             reply.model_id or "", reply.model_version or "", reply.timing,
+                             latency_ms)  # fmt: skip
+
+    def end_episode(self, episode_id: str, *, reward: float | None = None,
+                    terminated: bool = False, truncated: bool = False,
+                    success: bool | None = None) -> dict[str, Any]:  # fmt: skip
+        """Tell the server the episode is over so it can record it (with the last reward)."""
+        reply, _ = self._request(lambda rid: P.encode_end(
+            rid, self.robot_id, episode_id, reward=reward, terminated=terminated,
+            truncated=truncated, success=success))  # fmt: skip
+        return reply.body
+
+    def stats(self) -> dict[str, Any]:
+        reply, _ = self._request(P.encode_stats)
+        return reply.body.get("stats", {})

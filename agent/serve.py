@@ -1,0 +1,65 @@
+"""`agent serve`: describe the env, load the backend, run the server until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from agent.backends import BackendError, load_backend
+from agent.envspec import describe_env
+from agent.server import Server, ServerConfig
+
+
+def _report_periodically(server: Server, every_s: float, done: threading.Event) -> None:
+    last = -1
+    while not done.wait(every_s):
+        stats = server.stats()
+        if stats["requests"] != last:
+            last = stats["requests"]
+            print(f"[serve] {stats['decisions']} decisions, {stats['errors']} errors, "
+                  f"mean batch {stats['mean_batch']:.1f}, open episodes {stats['open_episodes']}, "
+                  f"recorded {stats['recorded_episodes']}", flush=True)  # fmt: skip
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        env = describe_env(args.env)
+    except ValueError as exc:
+        print(f"agent serve: {exc}", file=sys.stderr)
+        return 2
+    backend_name = args.backend or ("oracle" if env.info.has_skills else "zero")
+    try:
+        backend = load_backend(backend_name, env.info, args.model)
+        backend.warmup()
+    except BackendError as exc:
+        print(f"agent serve: {exc}", file=sys.stderr)
+        return 2
+    config = ServerConfig(
+        bind=args.bind, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        episode_timeout_s=args.episode_timeout_s, record_dir=args.record, curve_dir=args.curve,
+        reload_every_s=args.reload_every_s,
+    )  # fmt: skip
+    server = Server(backend, config, env)
+    endpoint = server.bind()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stop())
+    print(f"[serve] {args.env} · backend {backend_name} ({backend.model_id} "
+          f"v{backend.model_version}) · listening on {endpoint} · max batch {config.max_batch}, "
+          f"window {config.batch_timeout_ms} ms" + (f" · recording to {args.record}"
+          if args.record else "") + (" · CURVE on" if args.curve else ""), flush=True)  # fmt: skip
+    done = threading.Event()
+    if not args.quiet:
+        threading.Thread(
+            target=_report_periodically, args=(server, 10.0, done), daemon=True
+        ).start()
+    try:
+        server.run()
+    finally:
+        done.set()
+    print("[serve] stopped: " + json.dumps({k: v for k, v in server.stats().items()
+                                            if k != "backend"}), flush=True)  # fmt: skip
+    return 0

@@ -1,0 +1,298 @@
+"""The decision server: a ZeroMQ ROUTER that batches robots' requests across robots.
+
+One thread runs the loop: drain the socket, answer hello/end/stats and bad
+messages at once, queue decide requests, and hand a batch to the backend when
+`BatchPolicy` says waiting cannot pay off. Keeping receive, decide and reply
+on one thread avoids hand-offs, which is most of a runtime's per-request cost;
+requests that arrive while the backend computes wait in ZeroMQ's queue and
+form the next batch. Disk writes happen on the `EpisodeWriter`'s thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from agent import protocol as P
+from agent.backends.base import Backend, BackendError, Decision, Observation
+from agent.batching import BatchPolicy, RobotActivity
+from agent.envspec import EnvDescription, ObservationSpec
+from agent.episodes import EpisodeBook
+from agent.recording import EpisodeWriter
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    bind: str = DEFAULT_ENDPOINT
+    max_batch: int = 16
+    batch_timeout_ms: float = 2.0
+    max_message_bytes: int = P.DEFAULT_MAX_MESSAGE_BYTES
+    episode_timeout_s: float = 30.0
+    max_episode_steps: int = 10_000
+    record_dir: Path | None = None
+    curve_dir: Path | None = None
+    reload_every_s: float | None = None
+
+
+@dataclass
+class _Waiting:
+    envelope: list[bytes]
+    request: P.DecideRequest
+    received: float  # perf_counter
+
+
+class Server:
+    """Serve `backend` on `config.bind`. `bind()`, then `run()` (blocks until `stop()`)."""
+
+    def __init__(self, backend: Backend, config: ServerConfig,
+                 env: EnvDescription | None = None) -> None:  # fmt: skip
+        self.backend = backend
+        self.config = config
+        self.env_id = env.info.env_id if env else backend.env.env_id
+        self.spec = env.spec if env else ObservationSpec()
+        self.policy = BatchPolicy(config.max_batch, config.batch_timeout_ms / 1000.0)
+        self.activity = RobotActivity(self.policy.active_window_s)
+        self.writer = EpisodeWriter(config.record_dir, {"env_id": self.env_id,
+                                    "backend": backend.name}) if config.record_dir else None  # fmt: skip
+        self.episodes = EpisodeBook(self.env_id, self.writer, config.episode_timeout_s,
+                                    config.max_episode_steps)  # fmt: skip
+        self._env_metadata = dict(env.metadata) if env else {"env_id": self.env_id}
+        self._stop = threading.Event()
+        self._context = zmq.Context()
+        self._auth: Any = None
+        self._socket: zmq.Socket | None = None
+        self.endpoint: str | None = None
+        self._started = time.monotonic()
+        self.counters = {"requests": 0, "decisions": 0, "errors": 0, "batches": 0,
+                         "max_batch_seen": 0, "busy_s": 0.0, "backend_s": 0.0}  # fmt: skip
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def bind(self) -> str:
+        """Create and bind the ROUTER socket; returns the bound endpoint (port resolved)."""
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        if self.config.curve_dir is not None:
+            self._enable_curve(sock, Path(self.config.curve_dir))
+        sock.bind(self.config.bind)
+        self._socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.endpoint
+
+    def _enable_curve(self, sock: zmq.Socket, directory: Path) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        from agent.curve import authorized_dir, server_keys
+
+        keys = server_keys(directory)
+        self._auth = ThreadAuthenticator(self._context)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(authorized_dir(directory)))
+        sock.curve_server = True
+        sock.curve_publickey = keys.public
+        sock.curve_secretkey = keys.secret
+
+    def stop(self) -> None:
+        """Ask the loop to finish in-flight work and shut down (thread- and signal-safe)."""
+        self._stop.set()
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            **self._env_metadata, "protocol": P.PROTOCOL_VERSION,
+            "supported_protocols": list(P.SUPPORTED_VERSIONS), "backend": self.backend.name,
+            "model_id": self.backend.model_id, "model_version": self.backend.model_version,
+            "max_batch": self.policy.max_batch, "batch_timeout_ms": self.config.batch_timeout_ms,
+            "max_message_bytes": self.config.max_message_bytes,
+            "episode_timeout_s": self.config.episode_timeout_s,
+            "recording": self.writer is not None,
+        }  # fmt: skip
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        handled = max(1, c["requests"])
+        return {
+            "requests": c["requests"], "decisions": c["decisions"], "errors": c["errors"],
+            "batches": c["batches"], "max_batch_seen": c["max_batch_seen"],
+            "mean_batch": c["decisions"] / max(1, c["batches"]),
+            "runtime_overhead_us": 1e6 * (c["busy_s"] - c["backend_s"]) / handled,
+            "backend_ms_per_batch": 1e3 * c["backend_s"] / max(1, c["batches"]),
+            "open_episodes": len(self.episodes), "closed_episodes": self.episodes.closed,
+            "recorded_episodes": len(self.writer.written) if self.writer else 0,
+            "uptime_s": time.monotonic() - self._started, "backend": self.backend.stats(),
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        if self._socket is None:
+            self.bind()
+        sock = self._socket
+        assert sock is not None
+        waiting: list[_Waiting] = []
+        housekeeping = time.monotonic() + 0.25
+        last_reload = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if waiting:
+                    age = time.perf_counter() - waiting[0].received
+                    timeout_ms = self.policy.wait_s(age) * 1000.0
+                else:
+                    timeout_ms = 100.0
+                if sock.poll(timeout_ms, zmq.POLLIN):
+                    self._drain(sock, waiting)
+                while waiting and self.policy.should_flush(
+                    len(waiting), time.perf_counter() - waiting[0].received, self.activity.active()
+                ):
+                    batch = waiting[: self.policy.max_batch]
+                    del waiting[: self.policy.max_batch]
+                    self._decide(sock, batch)
+                now = time.monotonic()
+                if now >= housekeeping:
+                    housekeeping = now + 0.25
+                    self.episodes.expire_idle(now)
+                    if (
+                        self.config.reload_every_s
+                        and now - last_reload >= self.config.reload_every_s
+                    ):
+                        last_reload = now
+                        self._reload()
+        finally:
+            self._shutdown(sock, waiting)
+
+    def _drain(self, sock: zmq.Socket, waiting: list[_Waiting]) -> None:
+        """Receive every message already queued (bounded), answering all but decide requests."""
+        for _ in range(4 * self.policy.max_batch):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            start = time.perf_counter()
+            self._handle(sock, frames, waiting, start)
+            self.counters["busy_s"] += time.perf_counter() - start
+
+    def _handle(
+        self, sock: zmq.Socket, frames: list, waiting: list[_Waiting], start: float
+    ) -> None:
+        self.counters["requests"] += 1
+        envelope = [f.bytes for f in frames[:-1]]
+        payload = frames[-1].buffer
+        try:
+            request = P.parse_request(payload)
+            if isinstance(request, P.DecideRequest):
+                self.spec.check(request.observation)
+                self.activity.seen(request.observation.robot_id)
+                waiting.append(_Waiting(envelope, request, start))
+                return
+            reply = self._answer(request)
+        except P.ProtocolError as exc:
+            reply = self._error_reply(payload, exc.code, exc.message)
+        except Exception as exc:
+            log.exception("could not handle a message")
+            reply = self._error_reply(payload, P.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        sock.send_multipart([*envelope, reply])
+
+    def _error_reply(self, payload: memoryview, code: str, message: str) -> bytes:
+        self.counters["errors"] += 1
+        rid, eid = P.peek_ids(payload)
+        return P.encode_error(code, message, rid, eid)
+
+    def _answer(self, request: P.Request) -> bytes:
+        if isinstance(request, P.Hello):
+            return P.encode_body("hello", request.request_id, {"metadata": self.metadata()})
+        if isinstance(request, P.EndEpisode):
+            steps = self.episodes.end(request)
+            return P.encode_body("ended", request.request_id,
+                                 {"episode_id": request.episode_id, "steps": steps,
+                                  "recorded": self.writer is not None and steps > 0})  # fmt: skip
+        return P.encode_body("stats", request.request_id, {"stats": self.stats()})
+
+    def _decide(self, sock: zmq.Socket, batch: list[_Waiting]) -> None:
+        start = time.perf_counter()
+        observations = [w.request.observation for w in batch]
+        results = self._call_backend(observations)
+        inference_s = time.perf_counter() - start
+        model_id, model_version = self.backend.model_id, self.backend.model_version
+        c = self.counters
+        c["batches"] += 1
+        c["backend_s"] += inference_s
+        c["max_batch_seen"] = max(c["max_batch_seen"], len(batch))
+        for waiting, result in zip(batch, results, strict=True):
+            req = waiting.request
+            obs = req.observation
+            if isinstance(result, P.ProtocolError):
+                c["errors"] += 1
+                reply = P.encode_error(result.code, result.message, req.request_id, obs.episode_id)
+            else:
+                c["decisions"] += 1
+                timing = {"queue_ms": 1e3 * (start - waiting.received),
+                          "inference_ms": 1e3 * inference_s, "batch_size": len(batch)}  # fmt: skip
+                reply = P.encode_decision(req, result, model_id, model_version, timing)
+                self.episodes.record(obs, req.reward, result, timing, model_id, model_version)
+            sock.send_multipart([*waiting.envelope, reply])
+        c["busy_s"] += time.perf_counter() - start
+
+    def _call_backend(self, batch: list[Observation]) -> list[Decision | P.ProtocolError]:
+        """Decide a batch; if it fails, decide one by one so only the bad robot gets the error."""
+        try:
+            decisions = self.backend.decide(batch)
+            if len(decisions) != len(batch):
+                raise BackendError(f"backend returned {len(decisions)} decisions for "
+                                   f"{len(batch)} observations")  # fmt: skip
+            return [_check_decision(o, d) for o, d in zip(batch, decisions, strict=True)]
+        except BackendError as exc:
+            if len(batch) > 1:
+                return [self._call_backend([obs])[0] for obs in batch]
+            return [P.ProtocolError(P.BACKEND_ERROR, str(exc))]
+        except Exception as exc:
+            if len(batch) > 1:
+                return [self._call_backend([obs])[0] for obs in batch]
+            log.exception("backend %s failed", self.backend.name)
+            return [P.ProtocolError(P.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")]
+
+    def _reload(self) -> None:
+        try:
+            if self.backend.reload():
+                log.info("backend reloaded: model version %s", self.backend.model_version)
+        except Exception:
+            log.exception("backend reload failed; keeping the current model")
+
+    def _shutdown(self, sock: zmq.Socket, waiting: list[_Waiting]) -> None:
+        """Finish queued decisions, refuse what is still arriving, close episodes, flush."""
+        while waiting:
+            batch = waiting[: self.policy.max_batch]
+            del waiting[: self.policy.max_batch]
+            self._decide(sock, batch)
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            rid, eid = P.peek_ids(frames[-1].buffer)
+            sock.send_multipart([*(f.bytes for f in frames[:-1]),
+                                 P.encode_error(P.SHUTTING_DOWN, "server is shutting down", rid, eid)])  # fmt: skip
+        self.episodes.close_all("shutdown")
+        if self.writer is not None:
+            self.writer.close()
+        sock.close(linger=1000)
+        if self._auth is not None:
+            self._auth.stop()
+        self._context.term()
+
+
+def _check_decision(obs: Observation, decision: Decision) -> Decision | P.ProtocolError:
+    if decision.skill_index is not None and not 0 <= decision.skill_index < len(obs.options):
+        return P.ProtocolError(P.BACKEND_ERROR, f"backend chose skill {decision.skill_index} "
+                               f"of {len(obs.options)} options")  # fmt: skip
+    return decision
