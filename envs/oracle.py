@@ -1,0 +1,91 @@
+"""The scripted expert: next skill, a one-sentence rationale and the low-level action.
+
+A pure, stateless function of the SIM-ONLY privileged state (numpy + stdlib
+only, no mujoco): every bit of progress is read off the state, so the runtime
+can call it on the server with the `sim` dict a simulated robot sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from envs import skills, tasks
+
+ABOVE_TOL = 0.012
+
+
+@dataclass
+class OracleDecision:
+    """The oracle's answer. `skill_index` is -1 when no option menu was given."""
+
+    skill_index: int
+    skill: str
+    rationale: str
+    action: np.ndarray  # shape (4,), float32
+
+
+def decide(privileged: Mapping[str, Any], options: Sequence[str]) -> OracleDecision:
+    """Pick the next skill from `options` (or just the action when `options` is empty)."""
+    skill, rationale = next_skill(privileged)
+    action, _ = skills.skill_action(skills.parse_skill(skill), privileged)
+    if not options:
+        return OracleDecision(-1, skill, rationale, action.astype(np.float32))
+    menu = [o.strip().lower() for o in options]
+    if skill not in menu:
+        raise ValueError(
+            f"the oracle's next skill {skill!r} is not among the options {list(options)}"
+        )
+    return OracleDecision(menu.index(skill), options[menu.index(skill)], rationale,
+                          action.astype(np.float32))  # fmt: skip
+
+
+def next_skill(priv: Mapping[str, Any]) -> tuple[str, str]:
+    """(skill sentence, rationale) for the first unfinished goal pair."""
+    todo = tasks.pending(priv)
+    held = priv["held"]
+    if not todo:
+        if held:
+            return skills.OPEN, f"The task is done, so release the {held}."
+        return skills.LIFT, "The task is already done, so just move the gripper up and clear."
+    obj, dest = todo[0]
+    if priv["objects"][obj]["kind"] == "block":
+        return _push_step(priv, obj, dest)
+    return _pick_place_step(priv, obj, dest)
+
+
+def _pick_place_step(priv: Mapping[str, Any], obj: str, dest: str) -> tuple[str, str]:
+    held, ee = priv["held"], np.asarray(priv["ee"], dtype=float)
+    if held and held != obj:
+        return skills.OPEN, f"The gripper holds the {held} instead of the {obj}, so let go of it."
+    if held:
+        dest_xy = np.asarray(priv["objects"][dest]["pos"], dtype=float)[:2]
+        far = np.linalg.norm(dest_xy - ee[:2]) > ABOVE_TOL
+        if far and ee[2] < skills.HOVER_Z - 0.03:
+            return skills.LIFT, f"The {obj} is grasped, so lift it clear of the table first."
+        return skills.place_sentence(dest), f"The {obj} is lifted, so put it at the {dest}."
+    if float(priv["gripper"]) < skills.OPEN_WIDTH:
+        return (
+            skills.OPEN,
+            f"The gripper is closed on nothing, so open it before going for the {obj}.",
+        )
+    obj_xy = np.asarray(priv["objects"][obj]["pos"], dtype=float)[:2]
+    if np.linalg.norm(obj_xy - ee[:2]) < ABOVE_TOL:
+        return skills.GRASP, f"The gripper is right above the {obj}, so grasp it."
+    return (
+        f"move above the {obj}",
+        f"The {obj} still has to go to the {dest}, so move above it first.",
+    )
+
+
+def _push_step(priv: Mapping[str, Any], block: str, target: str) -> tuple[str, str]:
+    if skills.push_aligned(priv, block, target):
+        return (
+            f"push the {block} to the {target}",
+            f"The gripper is behind the {block}, so push it onto the {target}.",
+        )
+    return (f"move behind the {block} toward the {target}",
+            f"The {block} is off the {target}, so get behind it on the line to the target.")  # fmt: skip

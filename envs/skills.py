@@ -1,0 +1,213 @@
+"""The language skill layer: skill sentences, the option menu and the executor's controller.
+
+Pure functions of the privileged-state dict (numpy + stdlib only), shared by
+the simulator's skill executor and the oracle, so the oracle's low-level
+action is exactly what the executor would do next.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from envs.tabletop.scene import BIN_FLOOR
+
+MAX_OPTIONS = 8
+MAX_DELTA = 0.05  # metres of end-effector motion per unit low-level action
+HOVER_Z = 0.15  # travel height of the gripper site above the table
+PUSH_Z = 0.022  # gripper site height while pushing
+REACH_TOL = 0.008
+OPEN_WIDTH = 0.08  # gripper opening counted as "open"
+BEHIND_GAP = 0.035  # clearance between the gripper and a block before a push
+PUSH_SPEED = 0.3  # fraction of MAX_DELTA per step while pushing
+
+GRASP, LIFT, OPEN = "grasp", "lift", "open the gripper"
+_PATTERNS = {
+    "move_above": re.compile(r"move above the (\w+ \w+)"),
+    "place": re.compile(r"place (?:on|in) the (\w+ \w+)"),
+    "move_behind": re.compile(r"move behind the (\w+ \w+) toward the (\w+ \w+)"),
+    "push": re.compile(r"push the (\w+ \w+) to the (\w+ \w+)"),
+    "move_to": re.compile(r"move to the point \((-?[\d.]+), (-?[\d.]+)\)"),
+}
+
+
+@dataclass(frozen=True)
+class Skill:
+    """A parsed skill sentence."""
+
+    verb: str  # move_above | grasp | lift | place | open | move_behind | push | move_to
+    target: str = ""  # object display name, e.g. "red cube"
+    goal: str = ""  # push destination, e.g. "green target"
+    point: tuple[float, float] = (0.0, 0.0)  # move_to: normalised image point (0..1000)
+
+
+def parse_skill(text: str) -> Skill:
+    """Skill sentence -> Skill; ValueError for anything the executor cannot run."""
+    text = text.strip().lower()
+    if text in (GRASP, LIFT):
+        return Skill(text)
+    if text == OPEN:
+        return Skill("open")
+    for verb, pattern in _PATTERNS.items():
+        m = pattern.fullmatch(text)
+        if m is None:
+            continue
+        if verb == "move_to":
+            return Skill(verb, point=(float(m[1]), float(m[2])))
+        return Skill(verb, m[1], m[2] if verb in ("move_behind", "push") else "")
+    raise ValueError(f"unknown skill {text!r}")
+
+
+def point_skill(x: float, y: float) -> str:
+    return f"move to the point ({x:.0f}, {y:.0f})"
+
+
+def place_sentence(dest: str) -> str:
+    return f"place in the {dest}" if dest.endswith(" bin") else f"place on the {dest}"
+
+
+def options(priv: Mapping[str, Any]) -> list[str]:
+    """The currently sensible next skills (at most MAX_OPTIONS), right or wrong."""
+    objects, held = priv["objects"], priv["held"]
+    names = {kind: [n for n, o in objects.items() if o["kind"] == kind]
+             for kind in ("cube", "pad", "bin", "block", "target")}  # fmt: skip
+    if names["block"]:
+        menu = [
+            f"move behind the {b} toward the {t}" for b in names["block"] for t in names["target"]
+        ]
+        menu += [f"push the {b} to the {t}" for b in names["block"] for t in names["target"]]
+        return [*menu, LIFT][:MAX_OPTIONS]
+    if held:
+        dests = names["pad"] + names["bin"] + [c for c in names["cube"] if c != held]
+        return [LIFT, *(place_sentence(d) for d in dests), OPEN][:MAX_OPTIONS]
+    return [*(f"move above the {c}" for c in names["cube"]), GRASP, OPEN][:MAX_OPTIONS]
+
+
+# --- the controller ------------------------------------------------------------
+
+
+def _toward(ee: np.ndarray, target: np.ndarray, grip: float, speed: float = 1.0) -> np.ndarray:
+    step = np.clip((target - ee) / MAX_DELTA, -speed, speed)
+    return np.array([*step, grip], dtype=np.float32)
+
+
+def _travel(ee: np.ndarray, xy: np.ndarray, z: float, grip: float) -> tuple[np.ndarray, bool]:
+    """Go to (xy, z) via the hover height: up, across, then down."""
+    target = np.array([xy[0], xy[1], z])
+    far = np.linalg.norm(xy - ee[:2]) > REACH_TOL
+    if far and ee[2] < HOVER_Z - 0.03:
+        return _toward(ee, np.array([ee[0], ee[1], HOVER_Z]), grip), False
+    if far:
+        return _toward(ee, np.array([xy[0], xy[1], max(z, HOVER_Z)]), grip), False
+    return _toward(ee, target, grip), bool(np.linalg.norm(target - ee) < REACH_TOL)
+
+
+def behind_point(priv: Mapping[str, Any], block: str, goal: str) -> np.ndarray:
+    """Where the gripper waits before pushing `block` toward `goal` (xy)."""
+    objects = priv["objects"]
+    b = np.asarray(objects[block]["pos"], dtype=float)[:2]
+    g = np.asarray(objects[goal]["pos"], dtype=float)[:2]
+    u = (g - b) / max(np.linalg.norm(g - b), 1e-6)
+    return b - u * (float(objects[block]["half"]) + BEHIND_GAP)
+
+
+def push_aligned(priv: Mapping[str, Any], block: str, goal: str, tol: float = 0.02) -> bool:
+    """Whether the gripper sits low behind the block on the block-goal line."""
+    objects = priv["objects"]
+    ee = np.asarray(priv["ee"], dtype=float)
+    b = np.asarray(objects[block]["pos"], dtype=float)[:2]
+    g = np.asarray(objects[goal]["pos"], dtype=float)[:2]
+    u = (g - b) / max(np.linalg.norm(g - b), 1e-6)
+    rel = ee[:2] - b
+    along = float(rel @ u)
+    lateral = float(np.linalg.norm(rel - along * u))
+    half = float(objects[block]["half"])
+    return lateral < tol and -(half + BEHIND_GAP + tol) < along < 0 and ee[2] < PUSH_Z + tol
+
+
+def skill_action(skill: Skill, priv: Mapping[str, Any],
+                 point_xyz: np.ndarray | None = None) -> tuple[np.ndarray, bool]:  # fmt: skip
+    """Next low-level action (Box(4)) for `skill` and whether the skill has finished.
+
+    Stateless: every phase (approach, descend, close, release, retreat) is read
+    off the privileged state, so the oracle can call it for any state.
+    `point_xyz` is the world target of a `move_to` skill (the env back-projects it).
+    """
+    ee = np.asarray(priv["ee"], dtype=float)
+    held, width, objects = priv["held"], float(priv["gripper"]), priv["objects"]
+    carry = -1.0 if held else 1.0
+    if skill.verb == "move_to":
+        if point_xyz is None:
+            raise ValueError("move_to needs the back-projected world point")
+        return _travel(ee, np.asarray(point_xyz, dtype=float)[:2], HOVER_Z, carry)
+    if skill.verb == "open":
+        return _toward(ee, ee, 1.0), width >= OPEN_WIDTH
+    if skill.verb == LIFT:
+        target = np.array([ee[0], ee[1], HOVER_Z])
+        return _toward(ee, target, carry), abs(HOVER_Z - ee[2]) < REACH_TOL
+    if skill.verb == "move_above":
+        pos = np.asarray(objects[skill.target]["pos"], dtype=float)
+        return _travel(ee, pos[:2], HOVER_Z, carry)
+    if skill.verb == GRASP:
+        return _grasp(ee, held, width, objects)
+    if skill.verb == "place":
+        return _place(ee, priv, skill.target)
+    if skill.verb == "move_behind":
+        return _travel(ee, behind_point(priv, skill.target, skill.goal), PUSH_Z, -1.0)
+    if skill.verb == "push":
+        return _push(ee, priv, skill.target, skill.goal)
+    raise ValueError(f"unknown skill verb {skill.verb!r}")
+
+
+def _grasp(ee: np.ndarray, held: str, width: float,
+           objects: Mapping[str, Any]) -> tuple[np.ndarray, bool]:  # fmt: skip
+    if held:
+        return _toward(ee, ee, -1.0), True
+    graspable = [o for o in objects.values() if o["kind"] == "cube"]
+    obj = min(graspable, key=lambda o: float(np.linalg.norm(np.asarray(o["pos"])[:2] - ee[:2])))
+    pos = np.asarray(obj["pos"], dtype=float)
+    low = abs(ee[2] - pos[2]) < REACH_TOL
+    if not low:  # descend open, correcting xy on the way
+        return _toward(ee, pos, 1.0), False
+    closed_empty = width < 2 * float(obj["half"]) - 0.006
+    return _toward(ee, pos, -1.0), closed_empty
+
+
+def _place(ee: np.ndarray, priv: Mapping[str, Any], dest: str) -> tuple[np.ndarray, bool]:
+    objects, held, width = priv["objects"], priv["held"], float(priv["gripper"])
+    if not held:  # released (or nothing to place): open fully, then retreat upwards
+        if width < OPEN_WIDTH - 0.01:
+            return _toward(ee, ee, 1.0), False
+        target = np.array([ee[0], ee[1], HOVER_Z])
+        return _toward(ee, target, 1.0), abs(HOVER_Z - ee[2]) < REACH_TOL
+    d, o = objects[dest], objects[held]
+    dpos, half = np.asarray(d["pos"], dtype=float), float(o["half"])
+    if d["kind"] == "cube":
+        rest = dpos[2] + float(d["half"]) + half + 0.004
+    elif d["kind"] == "bin":
+        rest = BIN_FLOOR + half + 0.02
+    else:
+        rest = half + 0.004
+    offset = ee[2] - float(np.asarray(o["pos"])[2])  # gripper site above the held centre
+    action, arrived = _travel(ee, dpos[:2], rest + offset, -1.0)
+    if arrived:
+        action[3] = 1.0
+    return action, False
+
+
+def _push(ee: np.ndarray, priv: Mapping[str, Any], block: str,
+          goal: str) -> tuple[np.ndarray, bool]:  # fmt: skip
+    objects = priv["objects"]
+    b = np.asarray(objects[block]["pos"], dtype=float)[:2]
+    g = np.asarray(objects[goal]["pos"], dtype=float)[:2]
+    if np.linalg.norm(g - b) < 0.01 or not push_aligned(priv, block, goal, tol=0.03):
+        return _toward(ee, ee, -1.0), True
+    u = (g - b) / np.linalg.norm(g - b)
+    # Aim just inside the block's back face on the current block-goal line.
+    aim = b - u * (float(objects[block]["half"]) + 0.005)
+    target = np.array([aim[0], aim[1], PUSH_Z])
+    return _toward(ee, target, -1.0, speed=PUSH_SPEED), False
