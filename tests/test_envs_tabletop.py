@@ -1,0 +1,114 @@
+"""The tabletop suite against the shared contract: registration, obs, skills, SkillEnv."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import envs
+from envs import oracle
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def run_oracle(env: envs.SkillEnv, seed: int, max_skills: int = 40) -> tuple[dict, list[str]]:
+    _, info = env.reset(seed=seed)
+    chosen = []
+    for _ in range(max_skills):
+        decision = oracle.decide(env.privileged_state(), info["options"])
+        _, _, terminated, truncated, info = env.step(decision.skill_index)
+        chosen.append(info["skill"])
+        if terminated or truncated:
+            break
+    return info, chosen
+
+
+def test_import_registers_ids_without_mujoco():
+    code = ("import sys, gymnasium, envs, envs.oracle\n"
+            "ids = sorted(i for i in gymnasium.registry if i.startswith('tabletop/'))\n"
+            "print(ids, 'mujoco' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout  # fmt: skip
+    assert out.strip() == (
+        "['tabletop/PickPlace-v0', 'tabletop/Push-v0', 'tabletop/Sort-v0', 'tabletop/Stack-v0'] False"
+    )
+
+
+def test_observation_matches_the_space():
+    env = gym.make("tabletop/PickPlace-v0", image_size=(64, 96), wrist_camera=True)
+    obs, info = env.reset(seed=3)
+    assert env.observation_space.contains(obs)
+    assert obs["image"].shape == (64, 96, 3) and obs["image"].dtype == np.uint8
+    assert obs["wrist_image"].shape == (64, 96, 3)
+    assert obs["image"].std() > 5  # a real rendered scene, not a blank frame
+    assert obs["state"].dtype == np.float32
+    assert obs["instruction"] == info["instruction"] and " cube" in obs["instruction"]
+    assert info["is_success"] is False and info["options"]
+    env.close()
+
+
+def test_privileged_state_is_plain_json_data():
+    env = gym.make("tabletop/Sort-v0", images=False)
+    env.reset(seed=0)
+    priv = env.unwrapped.privileged_state()
+    assert json.loads(json.dumps(priv)) == priv  # str/float/list/dict only: msgpack-friendly
+    assert priv["held"] == "" and len(priv["ee"]) == 3
+    assert {o["kind"] for o in priv["objects"].values()} == {"cube", "bin"}
+    assert len(priv["goal"]["pairs"]) == 3
+
+
+def test_pick_place_oracle_episode_through_skill_env():
+    env = envs.make_skill_env("tabletop/PickPlace-v0", images=False)
+    info, chosen = run_oracle(env, seed=0)
+    assert info["is_success"] is True
+    assert chosen[0].startswith("move above the ") and "grasp" in chosen
+    assert chosen[-1].startswith("place on the ")
+    assert 0 < info["low_level_steps"] <= 80
+    assert set(info) >= {"options", "instruction", "is_success", "skill", "low_level_steps"}
+
+
+def test_skill_env_rejects_an_index_outside_the_menu():
+    env = envs.make_skill_env("tabletop/PickPlace-v0", images=False)
+    _, info = env.reset(seed=1)
+    assert env.action_space == gym.spaces.Discrete(envs.MAX_OPTIONS)
+    with pytest.raises(ValueError, match="out of range"):
+        env.step(len(info["options"]))
+
+
+def test_grasp_really_lifts_the_cube_by_friction():
+    env = envs.make_skill_env("tabletop/PickPlace-v0", images=False)
+    _, info = env.reset(seed=2)
+    target = env.privileged_state()["goal"]["pairs"][0][0]
+    for skill in (f"move above the {target}", "grasp", "lift"):
+        _, _, _, _, info = env.step(info["options"].index(skill))
+    priv = env.privileged_state()
+    assert priv["held"] == target
+    assert priv["objects"][target]["pos"][2] > 0.1  # off the table, held only by contact
+    assert info["options"][0] == "lift" and "open the gripper" in info["options"]
+
+
+def test_oracle_is_pure_and_gives_a_low_level_action():
+    env = gym.make("tabletop/Push-v0", images=False)
+    _, info = env.reset(seed=4)
+    priv = env.unwrapped.privileged_state()
+    first = oracle.decide(priv, info["options"])
+    again = oracle.decide(json.loads(json.dumps(priv)), info["options"])
+    assert first.skill == again.skill and np.array_equal(first.action, again.action)
+    assert first.action.shape == (4,) and first.action.dtype == np.float32
+    assert first.skill.startswith("move behind the ") and first.rationale.endswith(".")
+    low_level = oracle.decide(priv, [])
+    assert low_level.skill_index == -1 and low_level.skill == first.skill
+    with pytest.raises(ValueError, match="not among the options"):
+        oracle.decide(priv, ["lift"])
+
+
+def test_unknown_skill_is_a_clear_error():
+    env = gym.make("tabletop/Stack-v0", images=False)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="unknown skill"):
+        env.unwrapped.execute_skill("dance")
