@@ -1,0 +1,185 @@
+"""Real ZeroMQ sockets between AgentClient and Server: handshake, decisions, errors, batching."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+from runtime_fixtures import TEST_ENV, running_server
+
+from agent import protocol as P
+from agent.backends.base import Backend, BackendError, Decision
+from agent.client import AgentClient, AgentTimeout, ServerError
+from agent.envspec import ObservationSpec
+from agent.recording import iter_episodes
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class SlowBackend(Backend):
+    """Costs `delay_s` per call whatever the batch size; remembers batch sizes."""
+
+    name = "slow"
+
+    def __init__(self, env, model=None, delay_s=0.02, fail_on=None):
+        super().__init__(env, model)
+        self.delay_s, self.fail_on, self.sizes = delay_s, fail_on, []
+
+    def decide(self, batch):
+        self.sizes.append(len(batch))
+        if any(obs.instruction == self.fail_on for obs in batch):
+            raise BackendError(f"cannot decide {self.fail_on!r}")
+        time.sleep(self.delay_s)
+        return [Decision(action=np.full(4, obs.step, np.float32)) for obs in batch]
+
+
+def test_handshake_reports_metadata():
+    with (
+        running_server(max_batch=8) as server,
+        AgentClient(server.endpoint, timeout_ms=5000) as client,
+    ):
+        meta = client.hello()
+    assert meta["protocol"] == P.PROTOCOL_VERSION and meta["env_id"] == "test/Null-v0"
+    assert meta["backend"] == "zero" and meta["max_batch"] == 8
+    assert {"model_id", "model_version", "max_message_bytes", "batch_timeout_ms"} <= set(meta)
+
+
+def test_decision_echoes_ids_and_reports_timing():
+    with running_server() as server, AgentClient(server.endpoint, timeout_ms=5000) as client:
+        reply = client.decide(
+            episode_id="ep-a", step=4, state=np.zeros(3, np.float32), options=["go"]
+        )
+    assert (reply.episode_id, reply.step) == ("ep-a", 4)
+    assert reply.decision.action.shape == (4,) and reply.decision.skill == "go"
+    assert {"queue_ms", "inference_ms", "batch_size"} <= set(reply.timing)
+    assert reply.model_id == "zero"
+
+
+def test_errors_are_replies_and_server_stays_up():
+    spec = ObservationSpec(state_shape=(3,))
+    with (
+        running_server(spec=spec) as server,
+        AgentClient(server.endpoint, timeout_ms=5000) as client,
+    ):
+        with pytest.raises(ServerError) as err:
+            client.decide(episode_id="e", step=0, state=np.zeros(5, np.float32))
+        assert err.value.code == P.BAD_OBSERVATION and "shape (3,)" in err.value.message
+        assert client.decide(episode_id="e", step=0, state=np.zeros(3, np.float32)).step == 0
+
+
+def test_late_reply_is_never_taken_for_the_current_one():
+    backend = SlowBackend(TEST_ENV, delay_s=0.4)
+    with running_server(backend) as server, AgentClient(server.endpoint, timeout_ms=150) as client:
+        with pytest.raises(AgentTimeout):
+            client.decide(episode_id="e", step=1)
+        client.timeout_ms = 5000
+        reply = client.decide(episode_id="e", step=2)
+    assert reply.step == 2 and reply.decision.action[0] == 2
+
+
+def test_stale_replies_on_one_socket_are_skipped():
+    """Two requests on one DEALER: asking with the second id returns only the second reply."""
+    backend = SlowBackend(TEST_ENV, delay_s=0.05)
+    with running_server(backend) as server, AgentClient(server.endpoint, timeout_ms=5000) as client:
+        client._socket.send(P.encode_decide(999_999, client.robot_id, "e", 1))
+        reply = client.decide(episode_id="e", step=2)
+    assert reply.step == 2 and client.stale_replies == 1
+
+
+def test_robots_are_batched_together_and_get_their_own_answers():
+    backend = SlowBackend(TEST_ENV, delay_s=0.02)
+    mismatches, errors = [], []
+
+    def robot(i, endpoint):
+        try:
+            with AgentClient(endpoint, timeout_ms=10_000, robot_id=f"r{i}") as client:
+                for step in range(8):
+                    reply = client.decide(episode_id=f"ep{i}", step=step)
+                    if reply.step != step or reply.decision.action[0] != step:
+                        mismatches.append((i, step, reply.step))
+        except Exception as exc:
+            errors.append(exc)
+
+    with running_server(backend, max_batch=8, batch_timeout_ms=5) as server:
+        threads = [threading.Thread(target=robot, args=(i, server.endpoint)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        stats = server.stats()
+    assert not errors and not mismatches
+    assert max(backend.sizes) > 1 and stats["mean_batch"] > 1.5
+    assert stats["decisions"] == 64
+
+
+def test_lone_request_does_not_wait_for_the_batch_window():
+    with (
+        running_server(batch_timeout_ms=3000) as server,
+        AgentClient(server.endpoint, timeout_ms=5000) as client,
+    ):
+        replies = [client.decide(episode_id="e", step=s) for s in range(3)]
+    assert all(r.timing["queue_ms"] < 1000 for r in replies)
+
+
+def test_backend_failure_only_hits_the_robot_that_caused_it():
+    backend = SlowBackend(TEST_ENV, delay_s=0.05, fail_on="bad")
+    results = {}
+
+    def robot(name, instruction, endpoint):
+        with AgentClient(endpoint, timeout_ms=10_000, robot_id=name) as client:
+            try:
+                results[name] = client.decide(episode_id=name, step=0, instruction=instruction).step
+            except ServerError as exc:
+                results[name] = exc.code
+
+    with running_server(backend, max_batch=8, batch_timeout_ms=200) as server:
+        threads = [threading.Thread(target=robot, args=(f"r{i}", "bad" if i == 0 else "ok", server.endpoint))
+                   for i in range(4)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert results == {"r0": P.BACKEND_ERROR, "r1": 0, "r2": 0, "r3": 0}
+
+
+def test_end_episode_records_full_transitions(tmp_path):
+    with (
+        running_server(record_dir=tmp_path) as server,
+        AgentClient(server.endpoint, timeout_ms=5000) as client,
+    ):
+        for step in range(3):
+            client.decide(episode_id="ep-1", step=step, state=np.full(2, step, np.float32),
+                          reward=None if step == 0 else float(step))  # fmt: skip
+        ended = client.end_episode("ep-1", reward=10.0, terminated=True, success=True)
+    assert ended == {"episode_id": "ep-1", "steps": 3, "recorded": True}
+    (episode,) = list(iter_episodes(tmp_path))
+    assert episode.meta["success"] is True and episode.meta["end_reason"] == "end"
+    np.testing.assert_array_equal(episode.rewards(), [1.0, 2.0, 10.0])
+    np.testing.assert_array_equal(episode.states()[:, 0], [0, 1, 2])
+    assert episode.column("terminated") == [False, False, True]
+
+
+def test_quiet_robot_gets_its_episode_closed_as_truncated(tmp_path):
+    with running_server(record_dir=tmp_path, episode_timeout_s=0.3) as server, \
+            AgentClient(server.endpoint, timeout_ms=5000) as client:  # fmt: skip
+        client.decide(episode_id="gone", step=0)
+        deadline = time.monotonic() + 10
+        while server.stats()["recorded_episodes"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    (episode,) = list(iter_episodes(tmp_path))
+    assert episode.meta["truncated"] is True and episode.meta["end_reason"] == "idle_timeout"
+
+
+def test_req_clients_work_too():
+    """A plain REQ socket (an envelope with an empty delimiter) gets its reply."""
+    with running_server() as server:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server.endpoint)
+        sock.send(P.encode_hello(1, "req-robot"))
+        assert sock.poll(5000)
+        reply = P.parse_reply(sock.recv())
+        sock.close()
+    assert reply.type == "hello" and reply.request_id == 1

@@ -1,0 +1,177 @@
+"""Wire format: openpi-compatible arrays, request validation, reply decoding, batching policy."""
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+
+from agent import protocol as P
+from agent.backends.base import Decision
+from agent.batching import BatchPolicy, RobotActivity
+
+
+def openpi_pack_array(obj):
+    """The encoding openpi's msgpack_numpy uses, written out independently."""
+    if isinstance(obj, np.ndarray):
+        return {b"__ndarray__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str,
+                b"shape": obj.shape}  # fmt: skip
+    return obj
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "float64", "int64", "bool", "int16"])
+def test_arrays_round_trip(dtype):
+    arr = (np.arange(24) % 7).astype(dtype).reshape(2, 3, 4)
+    out = P.unpackb(P.packb({"a": arr, "nested": [arr[0]]}))
+    np.testing.assert_array_equal(out["a"], arr)
+    assert out["a"].dtype == arr.dtype and out["nested"][0].shape == (3, 4)
+
+
+def test_openpi_encoded_arrays_decode_unchanged():
+    image = np.random.default_rng(0).integers(0, 255, (8, 6, 3), dtype=np.uint8)
+    blob = msgpack.packb({"observation/image": image}, default=openpi_pack_array)
+    np.testing.assert_array_equal(P.unpackb(blob)["observation/image"], image)
+
+
+def test_our_arrays_use_openpi_keys():
+    raw = msgpack.unpackb(P.packb(np.zeros((2, 2), np.float32)), raw=False)
+    assert set(raw) == {b"__ndarray__", b"data", b"dtype", b"shape"}
+    assert raw[b"dtype"] == "<f4" and list(raw[b"shape"]) == [2, 2]
+
+
+def test_numpy_scalars_round_trip():
+    assert P.unpackb(P.packb(np.float32(1.5))) == np.float32(1.5)
+
+
+@pytest.mark.parametrize("header", [
+    {b"__ndarray__": True, b"data": b"\0" * 3, b"dtype": "<f4", b"shape": [1]},
+    {b"__ndarray__": True, b"data": b"", b"dtype": "|O", b"shape": [0]},
+    {b"__ndarray__": True, b"data": b"\0" * 4, b"dtype": "<f4", b"shape": [-1]},
+    {b"__ndarray__": True, b"data": "text", b"dtype": "<f4", b"shape": [1]},
+])  # fmt: skip
+def test_bad_array_headers_are_refused(header):
+    with pytest.raises(P.ProtocolError) as err:
+        P.unpackb(msgpack.packb(header))
+    assert err.value.code == P.BAD_ARRAY
+
+
+def decide_message(**overrides):
+    msg = P.unpackb(P.encode_decide(7, "robot-1", "ep-1", 3, images={"image": np.zeros((4, 4, 3), np.uint8)},
+                                    state=np.ones(5, np.float32), instruction="pick",
+                                    options=["a", "b"], sim={"x": np.ones(2)}, reward=0.5))  # fmt: skip
+    for key, value in overrides.items():
+        if key.startswith("obs_"):
+            msg["observation"][key[4:]] = value
+        else:
+            msg[key] = value
+    return P.packb(msg)
+
+
+def test_valid_decide_request_parses():
+    req = P.parse_request(decide_message())
+    assert isinstance(req, P.DecideRequest)
+    obs = req.observation
+    assert (req.request_id, obs.robot_id, obs.episode_id, obs.step, req.reward) == (
+        7,
+        "robot-1",
+        "ep-1",
+        3,
+        0.5,
+    )
+    assert obs.images["image"].shape == (4, 4, 3) and obs.state.dtype == np.float32
+    assert obs.options == ["a", "b"] and obs.instruction == "pick"
+    np.testing.assert_array_equal(obs.sim["x"], np.ones(2))
+
+
+@pytest.mark.parametrize(("overrides", "code"), [
+    ({"protocol": 0}, P.VERSION_MISMATCH),
+    ({"protocol": 99}, P.VERSION_MISMATCH),
+    ({"type": "teleport"}, P.UNKNOWN_TYPE),
+    ({"request_id": True}, P.BAD_REQUEST),
+    ({"request_id": -1}, P.BAD_REQUEST),
+    ({"episode_id": "../../etc/passwd"}, P.BAD_REQUEST),
+    ({"step": "3"}, P.BAD_REQUEST),
+    ({"reward": math.nan}, P.BAD_REQUEST),
+    ({"obs_state": np.array([1.0, np.nan], np.float32)}, P.BAD_OBSERVATION),
+    ({"obs_state": np.ones(5, np.float64)}, P.BAD_OBSERVATION),
+    ({"obs_state": np.ones((5, 1), np.float32)}, P.BAD_OBSERVATION),
+    ({"obs_images": {"image": np.zeros((4, 4, 3), np.float32)}}, P.BAD_OBSERVATION),
+    ({"obs_images": {"image": np.zeros((4, 4), np.uint8)}}, P.BAD_OBSERVATION),
+    ({"obs_options": "a, b"}, P.BAD_OBSERVATION),
+    ({"obs_instruction": 5}, P.BAD_OBSERVATION),
+    ({"obs_sim": [1, 2]}, P.BAD_OBSERVATION),
+    ({"observation": None}, P.BAD_REQUEST),
+])  # fmt: skip
+def test_bad_requests_get_codes(overrides, code):
+    with pytest.raises(P.ProtocolError) as err:
+        P.parse_request(decide_message(**overrides))
+    assert err.value.code == code, err.value.message
+
+
+def test_version_mismatch_message_is_clear():
+    with pytest.raises(P.ProtocolError, match="speaks protocol 0; this server speaks 1"):
+        P.parse_request(decide_message(protocol=0))
+
+
+def test_garbage_is_bad_message():
+    for blob in (b"", b"\xc1", b"\x93\x01\x02", msgpack.packb([1, 2])):
+        with pytest.raises(P.ProtocolError) as err:
+            P.parse_request(blob)
+        assert err.value.code == P.BAD_MESSAGE
+
+
+def test_peek_ids_recovers_ids_of_invalid_requests():
+    assert P.peek_ids(decide_message(protocol=0)) == (7, "ep-1")
+    assert P.peek_ids(b"\xc1") == (None, None)
+
+
+def test_decision_reply_round_trip():
+    req = P.parse_request(decide_message())
+    dec = Decision(action=np.array([1, 2, 3, 4], np.float32), skill_index=1, skill="b",
+                   point=(500.0, 250.0), reasoning="because")  # fmt: skip
+    reply = P.parse_reply(P.encode_decision(req, dec, "m", "3", {"queue_ms": 0.1}))
+    assert (reply.type, reply.request_id, reply.episode_id, reply.step) == (
+        "decision",
+        7,
+        "ep-1",
+        3,
+    )
+    np.testing.assert_array_equal(reply.decision.action, dec.action)
+    assert reply.decision.skill_index == 1 and reply.decision.point == (500.0, 250.0)
+    assert reply.decision.reasoning == "because" and reply.model_version == "3"
+
+
+def test_end_and_error_replies():
+    end = P.parse_request(
+        P.encode_end(2, "r", "e", reward=1.0, terminated=True, truncated=False, success=True)
+    )
+    assert isinstance(end, P.EndEpisode) and end.success and end.terminated and end.reward == 1.0
+    err = P.parse_reply(P.encode_error(P.BAD_REQUEST, "nope", 5, "e"))
+    assert (err.type, err.request_id, err.error_code, err.error_message) == (
+        "error",
+        5,
+        P.BAD_REQUEST,
+        "nope",
+    )
+
+
+def test_lone_robot_is_never_kept_waiting():
+    policy = BatchPolicy(max_batch=16, timeout_s=10.0)
+    assert policy.should_flush(pending=1, oldest_age_s=0.0, active_robots=1)
+
+
+def test_batch_waits_for_active_robots_until_full_or_timeout():
+    policy = BatchPolicy(max_batch=4, timeout_s=0.01)
+    assert not policy.should_flush(pending=2, oldest_age_s=0.001, active_robots=8)
+    assert policy.should_flush(pending=2, oldest_age_s=0.02, active_robots=8)
+    assert policy.should_flush(pending=4, oldest_age_s=0.0, active_robots=8)
+    assert not policy.should_flush(pending=0, oldest_age_s=1.0, active_robots=0)
+    assert policy.wait_s(0.004) == pytest.approx(0.006)
+
+
+def test_robot_activity_forgets_quiet_robots():
+    activity = RobotActivity(window_s=1.0)
+    activity.seen("a", now=0.0)
+    activity.seen("b", now=0.8)
+    assert activity.active(now=0.9) == 2
+    assert activity.active(now=1.5) == 1
