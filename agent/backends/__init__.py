@@ -12,6 +12,7 @@ from typing import Any
 from agent.backends.base import Backend, BackendError, Decision, EnvInfo, Observation
 
 BACKENDS: dict[str, str] = {
+    "cosmos": "agent.backends.cosmos:CosmosBackend",
     "oracle": "agent.backends.oracle:OracleBackend",
     "zero": "agent.backends.zero:ZeroBackend",
 }

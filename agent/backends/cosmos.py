@@ -1,0 +1,365 @@
+"""Cosmos-Reason as a backend: multiple-choice next-action decisions with chain-of-thought.
+
+One `decide` call turns every robot's observation into a prompt (scene image,
+optionally the last few frames, the instruction and the current skill menu as
+a multiple-choice question), runs ONE left-padded `generate` over the batch,
+parses each completion, retries the unparseable ones with more tokens and a
+slightly higher temperature (as the official benchmark does) and answers what
+is still unparseable with a configurable fallback. Model output never raises.
+
+On CUDA: bf16 weights, a static KV cache and `generate`'s automatic
+`torch.compile` (batch sizes and prompt lengths are bucketed so few shapes get
+compiled). On CPU: float32, dynamic cache, eager.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from agent.backends.base import Backend, BackendError, Decision, EnvInfo, Observation
+from agent.reasoning import STYLES, build_messages, format_question, parse_answer
+
+FALLBACKS = ("oracle", "first", "noop")
+MAX_EPISODE_HISTORIES = 1024
+
+
+@dataclass
+class CosmosOptions:
+    """Backend options (`**options`; strings from the command line are converted)."""
+
+    temperature: float = 0.6  # official sampling; 0 = greedy
+    top_p: float = 0.95
+    repetition_penalty: float = 1.05
+    max_new_tokens: int = 4096
+    retries: int = 2  # extra attempts for unparseable answers
+    retry_token_factor: float = 2.0  # max_new_tokens grows by this per retry...
+    max_retry_tokens: int = 8192  # ...up to this
+    retry_temperature_step: float = 0.1  # temperature grows by this per retry
+    fallback: str = "oracle"  # oracle (needs sim state, else first) | first | noop
+    style: str = ""  # reason1 | reason2; default from the checkpoint's model_type
+    camera: str = ""  # which image to show; default: the first one sent
+    frames: int = 1  # >1: the last N frames of the episode as a short video
+    fps: float = 4.0  # frame rate the video is presented at (Reason1 was trained at 4)
+    points: bool = False  # also offer {"point_2d": [x, y]} answers (Reason2)
+    max_batch: int = 64  # most observations per generate call
+    device: str = ""  # default: cuda if available, else cpu
+    dtype: str = ""  # default: bfloat16 on cuda, float32 on cpu
+    compile: str = "auto"  # static cache + torch.compile: auto (cuda only) | on | off
+    seed: int = -1  # >= 0: seed torch before each generate (reproducible sampling)
+
+    @classmethod
+    def parse(cls, options: dict[str, Any]) -> CosmosOptions:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise BackendError(f"unknown cosmos option(s) {unknown}; known: {sorted(known)}")
+        values = {}
+        for name, raw in options.items():
+            kind = type(getattr(cls(), name))
+            try:
+                values[name] = _convert(raw, kind)
+            except ValueError as exc:
+                raise BackendError(f"cosmos option {name}={raw!r}: {exc}") from None
+        parsed = cls(**values)
+        parsed.check()
+        return parsed
+
+    def check(self) -> None:
+        if self.fallback not in FALLBACKS:
+            raise BackendError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        if self.style and self.style not in STYLES:
+            raise BackendError(f"style must be one of {STYLES}, got {self.style!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise BackendError(f"compile must be auto, on or off, got {self.compile!r}")
+        if self.max_new_tokens < 1 or self.frames < 1 or self.max_batch < 1 or self.retries < 0:
+            raise BackendError("max_new_tokens, frames and max_batch must be >= 1, retries >= 0")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise BackendError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+def _convert(raw: Any, kind: type) -> Any:
+    if kind is bool and isinstance(raw, str):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    return kind(raw)
+
+
+@dataclass
+class _Prompt:
+    text: str
+    images: list[np.ndarray]
+    video: np.ndarray | None  # T x H x W x 3
+
+
+class CosmosBackend(Backend):
+    """Cosmos-Reason1 (Qwen2.5-VL) or Cosmos-Reason2 (Qwen3-VL) behind `Backend.decide`."""
+
+    name = "cosmos"
+
+    def __init__(self, env: EnvInfo, model: str | None = None, **options: Any) -> None:
+        super().__init__(env, model)
+        if not model:
+            raise BackendError("the cosmos backend needs --model: a hub id such as "
+                               "nvidia/Cosmos-Reason1-7B or a local checkpoint directory")  # fmt: skip
+        self.options = CosmosOptions.parse(options)
+        import torch
+
+        from agent.backends.vlm_loading import has_video_support, load_model, load_processor
+        from agent.backends.vlm_loading import model_type_of as read_model_type
+
+        opts = self.options
+        try:
+            self.model_type = read_model_type(model)
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"cannot load Cosmos-Reason checkpoint {model!r}: {exc}") from exc
+        self.style = opts.style or ("reason1" if self.model_type == "qwen2_5_vl" else "reason2")
+        self.device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_cuda = self.device.startswith("cuda")
+        dtype_name = opts.dtype or ("bfloat16" if on_cuda else "float32")
+        self.compiled = opts.compile == "on" or (opts.compile == "auto" and on_cuda)
+        if opts.frames > 1 and not has_video_support():
+            raise BackendError("frames > 1 sends video, which needs torchvision for the "
+                               "Qwen-VL video processor; install torchvision or use frames=1")  # fmt: skip
+        self.processor = load_processor(model, self.model_type)
+        self.model_obj = load_model(model, self.model_type, getattr(torch, dtype_name), self.device)
+        self.tokenizer = self.processor.tokenizer
+        self._histories: OrderedDict[str, deque[np.ndarray]] = OrderedDict()
+        self._fallback_backend: Backend | None = None
+        self._version = str(getattr(self.model_obj.config, "_commit_hash", None) or "local")
+        self.counters: dict[str, float] = dict.fromkeys(
+            ("decisions", "parsed", "point_answers", "retried", "fallbacks", "fallback_oracle",
+             "fallback_first", "fallback_noop", "generate_calls", "generated_tokens",
+             "decode_steps", "generate_s", "batches", "max_batch_seen"), 0)  # fmt: skip
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def model_version(self) -> str:
+        return self._version
+
+    def stats(self) -> dict[str, Any]:
+        c = dict(self.counters)
+        c["ms_per_decode_step"] = (
+            1e3 * c["generate_s"] / c["decode_steps"] if c["decode_steps"] else None
+        )
+        c.update(style=self.style, model_type=self.model_type, device=self.device,
+                 compiled=self.compiled)  # fmt: skip
+        return c
+
+    def warmup(self) -> None:
+        """One short generation so the first robot does not pay for allocation/compilation."""
+        blank = np.zeros((448, 448, 3), np.uint8)
+        prompt = self._prompt(Observation("warmup", "warmup", 0, "warm up",
+                                          {"image": blank}, options=["wait"]), remember=False)  # fmt: skip
+        self._generate([prompt], max_new_tokens=4, temperature=0.0)
+
+    # ------------------------------------------------------------------ deciding
+
+    def decide(self, batch: Sequence[Observation]) -> list[Decision]:
+        self.counters["batches"] += 1
+        self.counters["max_batch_seen"] = max(self.counters["max_batch_seen"], len(batch))
+        decisions: list[Decision | None] = [None] * len(batch)
+        askable = [i for i, obs in enumerate(batch) if obs.options or self._allow_point]
+        prompts = {i: self._prompt(batch[i]) for i in askable}
+        completions: dict[int, str] = {}
+        pending = askable
+        opts = self.options
+        for attempt in range(opts.retries + 1):
+            if not pending:
+                break
+            if attempt:
+                self.counters["retried"] += len(pending)
+            tokens = min(int(opts.max_new_tokens * opts.retry_token_factor**attempt),
+                         max(opts.max_new_tokens, opts.max_retry_tokens))  # fmt: skip
+            temperature = opts.temperature + attempt * opts.retry_temperature_step if (
+                opts.temperature > 0) else 0.0  # fmt: skip
+            texts = self._generate([prompts[i] for i in pending], tokens, temperature)
+            still = []
+            for i, text in zip(pending, texts, strict=True):
+                completions[i] = text
+                decision = self._to_decision(batch[i], text)
+                if decision is None:
+                    still.append(i)
+                else:
+                    decisions[i] = decision
+            pending = still
+        missing = [i for i, d in enumerate(decisions) if d is None]
+        for i, decision in zip(missing, self._fall_back([batch[i] for i in missing],
+                               [completions.get(i, "") for i in missing]), strict=True):  # fmt: skip
+            decisions[i] = decision
+        self.counters["decisions"] += len(batch)
+        return [d for d in decisions if d is not None]
+
+    @property
+    def _allow_point(self) -> bool:
+        return self.options.points and self.style == "reason2"
+
+    def _to_decision(self, obs: Observation, text: str) -> Decision | None:
+        parsed = parse_answer(text, self.style, len(obs.options))  # type: ignore[arg-type]
+        if parsed.point is not None and self._allow_point:
+            self.counters["parsed"] += 1
+            self.counters["point_answers"] += 1
+            return Decision(point=parsed.point, reasoning=text.strip())
+        if parsed.choice is not None:
+            self.counters["parsed"] += 1
+            return Decision(skill_index=parsed.choice, skill=obs.options[parsed.choice],
+                            reasoning=text.strip())  # fmt: skip
+        return None
+
+    # ------------------------------------------------------------------ prompts
+
+    def _prompt(self, obs: Observation, remember: bool = True) -> _Prompt:
+        question = format_question(
+            obs.instruction, list(obs.options), allow_point=self._allow_point
+        )
+        image = self._pick_image(obs)
+        frames = self._frames(obs.episode_id, image) if remember and image is not None else []
+        if image is None:
+            media, images, video = [], [], None
+        elif self.options.frames > 1 and len(frames) > 1:
+            media, images, video = ["video"], [], np.stack(frames)
+        else:
+            media, images, video = ["image"], [image], None
+        messages = build_messages(self.style, question, media)  # type: ignore[arg-type]
+        text = self.processor.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)  # fmt: skip
+        return _Prompt(text=text, images=images, video=video)
+
+    def _pick_image(self, obs: Observation) -> np.ndarray | None:
+        if not obs.images:
+            return None
+        camera = self.options.camera
+        if camera and camera not in obs.images:
+            raise BackendError(f"camera {camera!r} not sent; robot sent {sorted(obs.images)}")
+        image = obs.images[camera] if camera else next(iter(obs.images.values()))
+        return np.ascontiguousarray(image, dtype=np.uint8)
+
+    def _frames(self, episode_id: str, image: np.ndarray) -> list[np.ndarray]:
+        """This episode's last `frames` images, oldest first (bounded number of episodes)."""
+        history = self._histories.pop(episode_id, None) or deque(maxlen=self.options.frames)
+        history.append(image)
+        self._histories[episode_id] = history
+        while len(self._histories) > MAX_EPISODE_HISTORIES:
+            self._histories.popitem(last=False)
+        return list(history)
+
+    # ------------------------------------------------------------------ generation
+
+    def _generate(
+        self, prompts: list[_Prompt], max_new_tokens: int, temperature: float
+    ) -> list[str]:
+        texts: list[str] = []
+        for start in range(0, len(prompts), self.options.max_batch):
+            texts += self._generate_chunk(prompts[start : start + self.options.max_batch],
+                                          max_new_tokens, temperature)  # fmt: skip
+        return texts
+
+    def _generate_chunk(self, prompts: list[_Prompt], max_new_tokens: int,
+                        temperature: float) -> list[str]:  # fmt: skip
+        import torch
+
+        n = len(prompts)
+        if self.compiled:  # few distinct shapes -> few compilations
+            prompts = prompts + [prompts[-1]] * (_bucket(n) - n)
+        inputs = self._encode(prompts)
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens,
+                                      repetition_penalty=self.options.repetition_penalty)  # fmt: skip
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=self.options.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.compiled:
+            kwargs["cache_implementation"] = "static"
+        if self.options.seed >= 0:
+            torch.manual_seed(self.options.seed)
+        prompt_len = inputs["input_ids"].shape[1]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model_obj.generate(**inputs, **kwargs)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        new_tokens = output[:n, prompt_len:]
+        c = self.counters
+        c["generate_calls"] += 1
+        c["generate_s"] += elapsed
+        c["decode_steps"] += new_tokens.shape[1]
+        pad = self.tokenizer.pad_token_id
+        c["generated_tokens"] += (
+            int((new_tokens != pad).sum()) if pad is not None else new_tokens.numel()
+        )
+        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def _encode(self, prompts: list[_Prompt]) -> dict[str, Any]:
+        images = [image for p in prompts for image in p.images] or None
+        videos = [p.video for p in prompts if p.video is not None] or None
+        extra: dict[str, Any] = {}
+        if videos is not None:
+            from transformers.video_utils import VideoMetadata
+
+            extra["video_metadata"] = [
+                VideoMetadata(
+                    total_num_frames=len(v),
+                    fps=self.options.fps,
+                    frames_indices=list(range(len(v))),
+                )
+                for v in videos
+            ]
+            extra["do_sample_frames"] = False
+        if self.compiled:
+            extra["pad_to_multiple_of"] = 64
+        inputs = self.processor(text=[p.text for p in prompts], images=images, videos=videos,
+                                padding=True, padding_side="left", return_tensors="pt",
+                                **extra)  # fmt: skip
+        return inputs.to(self.device)
+
+    # ------------------------------------------------------------------ fallback
+
+    def _fall_back(self, batch: list[Observation], texts: list[str]) -> list[Decision]:
+        """Decisions for what the model could not answer; counted in stats()."""
+        decisions = []
+        for obs, text in zip(batch, texts, strict=True):
+            note = f"[cosmos fallback: unparseable answer] {text.strip()[:2000]}".strip()
+            decision = self._oracle(obs) if self.options.fallback == "oracle" else None
+            kind = "oracle"
+            if decision is None:
+                kind = "first" if obs.options and self.options.fallback != "noop" else "noop"
+                decision = self._first_or_noop(obs, kind)
+            decision.reasoning = f"{note}\n{decision.reasoning or ''}".strip()
+            self.counters["fallbacks"] += 1
+            self.counters[f"fallback_{kind}"] += 1
+            decisions.append(decision)
+        return decisions
+
+    def _oracle(self, obs: Observation) -> Decision | None:
+        if obs.sim is None or not obs.options:
+            return None
+        if self._fallback_backend is None:
+            from agent.backends import load_backend
+
+            self._fallback_backend = load_backend("oracle", self.env)
+        try:
+            return self._fallback_backend.decide([obs])[0]
+        except BackendError:
+            return None
+
+    def _first_or_noop(self, obs: Observation, kind: str) -> Decision:
+        if kind == "first":
+            return Decision(skill_index=0, skill=obs.options[0])
+        if self.env.action_shape is not None:
+            return Decision(action=np.zeros(self.env.action_shape, np.float32))
+        return Decision()
+
+
+def _bucket(n: int) -> int:
+    """Next power of two: the batch sizes a compiled decoder is specialised for."""
+    return 1 << max(0, (n - 1).bit_length())
