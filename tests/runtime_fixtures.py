@@ -12,10 +12,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from agent.backends import load_backend
 from agent.backends.base import Backend, EnvInfo
 from agent.backends.zero import ZeroBackend
 from agent.client import AgentClient
-from agent.envspec import EnvDescription, ObservationSpec
+from agent.envspec import EnvDescription, ObservationSpec, describe_env
 from agent.server import Server, ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +29,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
 def running_server(backend: Backend | None = None, spec: ObservationSpec | None = None,
-                   **config) -> Iterator[Server]:  # fmt: skip
+                   **config) -> contextlib.AbstractContextManager[Server]:  # fmt: skip
     """A real server on a loopback port, its loop in a thread; stopped (and joined) on exit."""
     backend = backend or ZeroBackend(TEST_ENV)
     env = EnvDescription(backend.env, spec or ObservationSpec(), {"env_id": backend.env.env_id})
-    server = Server(backend, ServerConfig(bind="tcp://127.0.0.1:0", **config), env)
+    return _serving(Server(backend, ServerConfig(bind="tcp://127.0.0.1:0", **config), env))
+
+
+def running_env_server(
+    env_id: str, backend: str, **config
+) -> contextlib.AbstractContextManager[Server]:
+    """Like `running_server`, for a real gymnasium env and a registered backend."""
+    env = describe_env(env_id)
+    backend_obj = load_backend(backend, env.info)
+    return _serving(Server(backend_obj, ServerConfig(bind="tcp://127.0.0.1:0", **config), env))
+
+
+@contextlib.contextmanager
+def _serving(server: Server) -> Iterator[Server]:
     server.bind()
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()

@@ -25,14 +25,14 @@ class OracleBackend(Backend):
             if obs.sim is None:
                 raise BackendError("the oracle needs the simulator's privileged state "
                                    "(observation.sim); only simulated robots can use it")  # fmt: skip
-            if not obs.options:
-                raise BackendError("the oracle picks among skill options, but none were sent")
             try:
                 answer = decide(obs.sim, list(obs.options))
             except (KeyError, TypeError, ValueError) as exc:
                 raise BackendError(f"oracle could not decide: {exc}") from exc
+            picked = answer.skill_index >= 0  # -1: no menu was sent, only the action counts
             decisions.append(Decision(
-                action=np.asarray(answer.action, np.float32), skill_index=answer.skill_index,
-                skill=answer.skill, reasoning=answer.rationale,
+                action=np.asarray(answer.action, np.float32),
+                skill_index=answer.skill_index if picked else None,
+                skill=answer.skill if picked else None, reasoning=answer.rationale,
             ))  # fmt: skip
         return decisions
