@@ -1,0 +1,71 @@
+"""One synchronisation round and the start/end agreements, shared by shadow and foreground.
+
+A round SUM-allreduces the rule's contribution with one extra element, the
+stop flag. Every rank sees the same sum, so all ranks leave on the same round
+(lockstep stop): a rank that finishes early never leaves the others averaging
+against the zeros `hvd.join()` would contribute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shadowsync import comm
+from shadowsync.flat import add_flat_, copy_flat_, flatten
+from shadowsync.rules import Rule
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    stop: bool  # some rank asked to stop: every rank leaves after this round
+    bytes_sent: int
+    comm_seconds: float
+
+
+def run_round(
+    params: Sequence[torch.Tensor], rule: Rule, name: str, n: int, stop: bool = False,
+    poll_interval: float = 0.001,
+) -> RoundResult:  # fmt: skip
+    """Snapshot, exchange and apply one round of `rule`; returns whether all ranks stop now."""
+    snapshot = flatten(params)
+    contribution = rule.outgoing(snapshot)
+    flag = torch.tensor(
+        [1.0 if stop else 0.0], dtype=contribution.dtype, device=contribution.device
+    )
+    payload = torch.cat([contribution, flag])
+    started = time.perf_counter()
+    total = comm.allreduce_sum(payload, name=name, poll_interval=poll_interval)
+    comm_seconds = time.perf_counter() - started
+    add_flat_(params, rule.incoming(snapshot, total[:-1], n))
+    nbytes = payload.numel() * payload.element_size()
+    return RoundResult(
+        stop=bool(total[-1].item() > 0), bytes_sent=nbytes, comm_seconds=comm_seconds
+    )
+
+
+def replicate(params: Sequence[torch.Tensor], name: str, root: int = 0) -> torch.Tensor:
+    """Make every replica equal to rank `root`'s; returns the shared flat weights."""
+    flat = comm.broadcast(flatten(params), name=name, root=root)
+    copy_flat_(params, flat)
+    return flat
+
+
+def average(params: Sequence[torch.Tensor], name: str, n: int) -> None:
+    """Blocking consensus: every replica becomes the mean of all replicas."""
+    total = comm.allreduce_sum(flatten(params), name=name)
+    copy_flat_(params, total / n)
+
+
+def parameters_of(model: torch.nn.Module | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors to synchronise: a module's parameters or an explicit list."""
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else list(model)
+    if not params:
+        raise ValueError("nothing to synchronise: the model has no parameters")
+    for p in params:
+        if not torch.is_floating_point(p):
+            raise TypeError(f"can only synchronise floating-point tensors, got {p.dtype}")
+    return params

@@ -1,0 +1,82 @@
+"""Foreground counterparts (FR-MA, FR-EASGD, FR-BMUF): the same rules, inside the loop.
+
+The training loop calls `step()` after every iteration; every `every`-th call
+blocks on a synchronisation round. All ranks must call `step()` equally often
+(as with synchronous SGD), because the rounds are matched by count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from shadowsync import comm
+from shadowsync.exchange import average, parameters_of, replicate, run_round
+from shadowsync.flat import flatten
+from shadowsync.rules import make_rule
+from shadowsync.stats import SyncStats
+
+
+class ForegroundSync:
+    """Synchronise replicas every `every` iterations, blocking the caller meanwhile."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Sequence[torch.Tensor],
+        algorithm: str = "ma",
+        *,
+        every: int = 10,
+        name: str = "fgsync",
+        broadcast: bool = True,
+        final_average: bool = True,
+        **options: Any,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.params = parameters_of(model)
+        self.rule = make_rule(algorithm, **options)
+        self.every = every
+        self.name = name
+        self.broadcast = broadcast
+        self.final_average = final_average
+        self._stats = SyncStats(algorithm=f"fr-{algorithm}")
+        self._size = 0
+
+    def start(self) -> ForegroundSync:
+        self._size = comm.world_size()
+        start_w = replicate(self.params, f"{self.name}.init") if self.broadcast else None
+        self.rule.start(flatten(self.params) if start_w is None else start_w, self._size)
+        return self
+
+    def step(self) -> bool:
+        """Count one iteration; run a (blocking) round on every `every`-th. True if it synced."""
+        if not self._size:
+            raise RuntimeError("ForegroundSync.start() was not called")
+        self._stats.worker_iterations += 1
+        if self._stats.worker_iterations % self.every:
+            return False
+        result = run_round(self.params, self.rule, f"{self.name}.round", self._size)
+        self._stats.rounds += 1
+        self._stats.bytes_sent += result.bytes_sent
+        self._stats.comm_seconds += result.comm_seconds
+        self._stats.round_seconds += result.comm_seconds
+        return True
+
+    def stop(self) -> SyncStats:
+        if self.final_average:
+            average(self.params, f"{self.name}.final", self._size)
+        return self.stats
+
+    def __enter__(self) -> ForegroundSync:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.stop()
+
+    @property
+    def stats(self) -> SyncStats:
+        return replace(self._stats)

@@ -1,0 +1,143 @@
+"""ShadowSync: a shadow thread that synchronises replicas while workers keep training.
+
+    with ShadowSync(model, algorithm="ma") as sync:
+        Hogwild(model, lr=0.05, workers=2, on_step=sync.tick).run(loss_fn, shards)
+    print(sync.stats.sync_gap)
+
+Neither the backward pass nor the training loop waits on communication; the
+shadow thread snapshots the replica, allreduces, and adds the resulting delta
+back, round after round, until every rank has asked to stop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from shadowsync import comm
+from shadowsync.exchange import average, parameters_of, replicate, run_round
+from shadowsync.flat import flatten
+from shadowsync.rules import make_rule
+from shadowsync.stats import SyncStats
+
+
+class ShadowSync:
+    """Background synchronisation of one model's replicas across Horovod ranks.
+
+    `algorithm` is "ma", "easgd" or "bmuf"; `options` go to the rule (e.g.
+    `alpha=0.1` for easgd, `block_momentum=0.875` for bmuf). `interval` is the
+    least time between round starts (0: back to back, as in the paper). `name`
+    prefixes every collective this object issues; give each ShadowSync alive
+    at the same time its own name. On exit the shadow threads of all ranks stop
+    on the same round and, with `final_average`, the replicas are averaged so
+    every rank leaves with the same weights (call it after local workers end).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Sequence[torch.Tensor],
+        algorithm: str = "ma",
+        *,
+        name: str = "shadowsync",
+        interval: float = 0.0,
+        broadcast: bool = True,
+        final_average: bool = True,
+        poll_interval: float = 0.001,
+        **options: Any,
+    ) -> None:
+        if interval < 0 or poll_interval <= 0:
+            raise ValueError("interval must be >= 0 and poll_interval > 0")
+        self.params = parameters_of(model)
+        self.rule = make_rule(algorithm, **options)
+        self.name = name
+        self.interval = interval
+        self.broadcast = broadcast
+        self.final_average = final_average
+        self.poll_interval = poll_interval
+        self._stats = SyncStats(algorithm=algorithm)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._error: BaseException | None = None
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    def start(self) -> ShadowSync:
+        if self._thread is not None:
+            raise RuntimeError("ShadowSync already started")
+        self._size = comm.world_size()
+        if self.broadcast:
+            self.rule.start(replicate(self.params, f"{self.name}.init"), self._size)
+        else:
+            self.rule.start(flatten(self.params), self._size)
+        self._thread = threading.Thread(target=self._loop, name=f"{self.name}-shadow", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> SyncStats:
+        """Ask to stop, wait for the lockstep last round, then (optionally) average."""
+        if self._thread is None:
+            raise RuntimeError("ShadowSync was not started")
+        if self._stopped:
+            return self.stats
+        self._stop.set()
+        self._thread.join()
+        self._stopped = True
+        if self._error is not None:
+            raise RuntimeError(f"shadow thread {self.name!r} failed") from self._error
+        if self.final_average:
+            average(self.params, f"{self.name}.final", self._size)
+        return self.stats
+
+    def __enter__(self) -> ShadowSync:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._thread is not None and not self._stopped:
+            self.stop()
+
+    # ---- called by workers ----------------------------------------------------
+
+    def tick(self, iterations: int = 1) -> None:
+        """Count local worker iterations (for the sync gap); thread-safe, cheap."""
+        with self._lock:
+            self._stats.worker_iterations += iterations
+
+    @property
+    def running(self) -> bool:
+        """True while the shadow thread is still synchronising."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def stats(self) -> SyncStats:
+        with self._lock:
+            return replace(self._stats)
+
+    # ---- the shadow thread ----------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                started = time.perf_counter()
+                result = run_round(
+                    self.params, self.rule, f"{self.name}.round", self._size,
+                    stop=self._stop.is_set(), poll_interval=self.poll_interval,
+                )  # fmt: skip
+                with self._lock:
+                    self._stats.rounds += 1
+                    self._stats.bytes_sent += result.bytes_sent
+                    self._stats.comm_seconds += result.comm_seconds
+                    self._stats.round_seconds += time.perf_counter() - started
+                if result.stop:
+                    return
+                rest = self.interval - (time.perf_counter() - started)
+                if rest > 0:
+                    self._stop.wait(rest)
+        except BaseException as exc:  # surfaced by stop() in the caller's thread
+            self._error = exc

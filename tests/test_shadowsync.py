@@ -1,0 +1,68 @@
+"""ShadowSync on real Horovod ranks (horovodrun -np 2, Gloo): one launch checks everything.
+
+tests/mp/shadowsync_algorithms.py trains every algorithm in sequence and then
+lets the ranks finish at different times; here both ranks' records are read.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+MP = Path(__file__).parent / "mp"
+SYNCED = ["s-ma", "s-easgd", "s-bmuf", "f-ma", "f-easgd", "f-bmuf"]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    from conftest import horovodrun
+
+    out = tmp_path_factory.mktemp("shadowsync")
+    horovodrun(2, MP / "shadowsync_algorithms.py", str(out), timeout=180)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def distance(a: list[float], b: list[float]) -> float:
+    return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True)))
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("label", ["none", *SYNCED])
+def test_loss_decreases_on_every_rank(records, label):
+    for rec in records:
+        run = rec["runs"][label]
+        assert run["loss_after"] < 0.5 * run["loss_before"], (label, rec["rank"])
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("label", SYNCED)
+def test_replicas_converge_to_each_other(records, label):
+    apart = distance(records[0]["runs"]["none"]["params"], records[1]["runs"]["none"]["params"])
+    gap = distance(records[0]["runs"][label]["params"], records[1]["runs"][label]["params"])
+    assert gap < 0.5 * apart, f"{label}: replicas {gap:.4f} apart, unsynchronised {apart:.4f}"
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("label", SYNCED)
+def test_stats_agree_across_ranks(records, label):
+    stats = [rec["runs"][label]["stats"] for rec in records]
+    params = len(records[0]["runs"][label]["params"])
+    assert stats[0]["rounds"] == stats[1]["rounds"] >= 1  # lockstep: same last round
+    for s in stats:
+        assert s["bytes_sent"] == s["rounds"] * (params + 1) * 4  # weights + stop flag, float32
+        assert s["sync_gap"] == pytest.approx(s["worker_iterations"] / s["rounds"])
+        assert s["comm_seconds"] > 0
+        if label.startswith("f-"):
+            assert s["rounds"] == s["worker_iterations"] // 5
+
+
+@pytest.mark.horovod
+def test_ranks_finishing_at_different_times_keep_the_average(records):
+    # Replicas start at 1 and 2. Rank 0 leaves after 0.5 s, rank 1 after 1.5 s and
+    # then adds 1 alone. With hvd.join() zeros rank 1 would decay towards 0.
+    early, late = (rec["uneven"] for rec in records)
+    assert early["rounds"] == late["rounds"] > 1
+    assert late["still_running_late"] is False
+    assert early["after_sync"] == late["after_sync"] == [1.5, 1.5]
+    assert early["final"] == late["final"] == [2.0, 2.0]  # mean of 1.5 and 2.5
