@@ -1,0 +1,136 @@
+"""Episodes on disk: round trip, atomic writes, SIGKILL and SIGTERM of a real server."""
+
+import signal
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from runtime_fixtures import free_port, serve_subprocess, stop_process, wait_ready
+
+from agent.backends.base import Decision, Observation
+from agent.client import AgentClient
+from agent.recording import (
+    TMP_DIRNAME,
+    EpisodeBuffer,
+    EpisodeEnd,
+    EpisodeWriter,
+    episode_paths,
+    iter_episodes,
+    read_episode,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def buffer_with_steps(episode_id="ep", steps=3):
+    buf = EpisodeBuffer(episode_id, "robot", "test/Null-v0")
+    for t in range(steps):
+        obs = Observation("robot", episode_id, t, "pick it", {"image": np.full((4, 5, 3), t, np.uint8)},
+                          np.full(2, t, np.float32), ["a", "b"])  # fmt: skip
+        dec = Decision(action=np.full(4, t, np.float32), skill_index=t % 2, skill="ab"[t % 2],
+                       reasoning=f"because {t}")  # fmt: skip
+        if t:
+            buf.set_reward(t - 1, float(t))
+        buf.add_step(obs, dec, {"queue_ms": 0.1, "inference_ms": 1.0, "batch_size": 1}, "m", "7")
+    buf.set_reward(steps - 1, 5.0)
+    return buf
+
+
+def test_episode_round_trip(tmp_path):
+    writer = EpisodeWriter(tmp_path, {"backend": "zero"})
+    writer.submit(
+        buffer_with_steps(), EpisodeEnd("end", terminated=True, truncated=False, success=True)
+    )
+    writer.close()
+    (episode,) = list(iter_episodes(tmp_path))
+    assert episode.episode_id == "ep" and len(episode) == 3 and episode.success is True
+    assert episode.meta["backend"] == "zero" and episode.meta["total_reward"] == 8.0
+    assert episode.images("image").shape == (3, 4, 5, 3) and episode.images()[2, 0, 0, 0] == 2
+    np.testing.assert_array_equal(episode.states()[:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(episode.actions()[:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(episode.skill_indices(), [0, 1, 0])
+    np.testing.assert_array_equal(episode.rewards(), [1, 2, 5])
+    assert episode.column("reasoning") == ["because 0", "because 1", "because 2"]
+    assert episode.column("model_version") == ["7"] * 3
+    assert episode.column("terminated") == [False, False, True]
+
+
+def test_repeated_episode_ids_get_distinct_files(tmp_path):
+    writer = EpisodeWriter(tmp_path)
+    for _ in range(2):
+        writer.submit(buffer_with_steps("same"), EpisodeEnd("end"))
+    writer.close()
+    assert [p.name for p in episode_paths(tmp_path)] == ["same.1.parquet", "same.parquet"]
+
+
+def test_stale_temporary_files_are_removed_and_never_listed(tmp_path):
+    tmp_dir = tmp_path / TMP_DIRNAME
+    tmp_dir.mkdir()
+    (tmp_dir / "half.parquet.1.2.tmp").write_bytes(b"PAR1 half written")
+    assert episode_paths(tmp_path) == []
+    EpisodeWriter(tmp_path).close()
+    assert list(tmp_dir.iterdir()) == []
+
+
+def test_files_that_are_not_episodes_are_refused(tmp_path):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match="not an episode file"):
+        read_episode(tmp_path / "other.parquet")
+
+
+def run_episode(client, episode_id, steps, end=True):
+    for t in range(steps):
+        client.decide(episode_id=episode_id, step=t, state=np.full(23, t, np.float32),
+                      reward=None if t == 0 else 1.0)  # fmt: skip
+    if end:
+        client.end_episode(episode_id, reward=1.0, terminated=True, success=True)
+
+
+def test_sigkill_leaves_every_finished_episode_readable(tmp_path):
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    server = serve_subprocess(
+        port, "--env", "Pusher-v5", "--backend", "zero", "--record", str(tmp_path)
+    )
+    try:
+        wait_ready(endpoint)
+        with AgentClient(endpoint, timeout_ms=5000) as client:
+            for i in range(3):
+                run_episode(client, f"done-{i}", 20)
+            deadline = time.monotonic() + 20
+            while client.stats()["recorded_episodes"] < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # more finished episodes are being written while the server dies
+            for i in range(3):
+                run_episode(client, f"late-{i}", 200)
+            run_episode(client, "open", 5, end=False)
+    finally:
+        server.kill()
+        server.communicate(timeout=20)
+    names = {p.name for p in episode_paths(tmp_path)}
+    assert {"done-0.parquet", "done-1.parquet", "done-2.parquet"} <= names
+    assert "open.parquet" not in names
+    for path in episode_paths(tmp_path):  # everything visible is a whole episode
+        episode = read_episode(path)
+        assert episode.meta["steps"] == len(episode) and episode.success
+
+
+def test_sigterm_closes_open_episodes_as_truncated(tmp_path):
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    server = serve_subprocess(
+        port, "--env", "Pusher-v5", "--backend", "zero", "--record", str(tmp_path)
+    )
+    try:
+        wait_ready(endpoint)
+        with AgentClient(endpoint, timeout_ms=5000) as client:
+            run_episode(client, "open", 4, end=False)
+    finally:
+        out = stop_process(server, signal.SIGTERM)
+    assert server.returncode == 0, out
+    (episode,) = list(iter_episodes(tmp_path))
+    assert episode.meta["end_reason"] == "shutdown" and episode.meta["truncated"] is True
+    assert len(episode) == 4 and episode.column("truncated")[-1] is True

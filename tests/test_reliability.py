@@ -1,0 +1,48 @@
+"""Server restarts and a soak run, with real `agent serve` processes."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from runtime_fixtures import ROOT, free_port, serve_subprocess, stop_process, wait_ready
+
+from agent.client import AgentClient
+
+
+@pytest.mark.timeout(120)
+def test_clients_survive_a_server_restart_without_mismatched_replies():
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    args = ("--env", "Pusher-v5", "--backend", "zero")
+    server = serve_subprocess(port, *args)
+    try:
+        wait_ready(endpoint)
+        with AgentClient(endpoint, timeout_ms=300, retries=60) as client:
+            for step in range(60):
+                if step == 30:  # the server dies mid-run and a new one takes its place
+                    server.kill()
+                    server.communicate(timeout=20)
+                    server = serve_subprocess(port, *args)
+                reply = client.decide(
+                    episode_id="long-run", step=step, state=np.full(23, step, np.float32)
+                )
+                assert (reply.episode_id, reply.step) == ("long-run", step)
+                assert reply.decision.action.shape == (7,)
+            assert client.reconnects >= 1
+    finally:
+        stop_process(server, signal.SIGTERM)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_soak_32_robots_nothing_lost_or_mismatched_memory_flat():
+    proc = subprocess.run([sys.executable, "benchmarks/soak.py", "--robots", "32", "--seconds", "4", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["lost"] == 0 and result["mismatched"] == 0
+    assert result["received"] == result["sent"] > 32 * 10
+    assert result["rss_growth_mb"] < 25, result
