@@ -77,7 +77,7 @@ def main() -> int:
     )  # fmt: skip
     try:
         meta = wait_until_serving(endpoint, server, timeout_s=120)
-        print(f"   handshake: protocol {meta.get('protocol_version')}, "
+        print(f"   handshake: protocol {meta.get('protocol')}, "
               f"backend {meta.get('backend')}", flush=True)  # fmt: skip
 
         print(f"== 2. robots: {args.robots} robots, {args.episodes} episodes ==", flush=True)
