@@ -207,7 +207,10 @@ def _push(ee: np.ndarray, priv: Mapping[str, Any], block: str,
     if np.linalg.norm(g - b) < 0.01 or not push_aligned(priv, block, goal, tol=0.03):
         return _toward(ee, ee, -1.0), True
     u = (g - b) / np.linalg.norm(g - b)
-    # Aim just inside the block's back face on the current block-goal line.
-    aim = b - u * (float(objects[block]["half"]) + 0.005)
+    # Aim just inside the block's back face on the current block-goal line,
+    # over-correcting sideways drift so the push goes through the block's centre.
+    rel = ee[:2] - b
+    lateral = rel - (rel @ u) * u
+    aim = b - u * (float(objects[block]["half"]) + 0.005) - lateral
     target = np.array([aim[0], aim[1], PUSH_Z])
     return _toward(ee, target, -1.0, speed=PUSH_SPEED), False

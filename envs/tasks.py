@@ -36,6 +36,7 @@ HALF_SIZE = {"cube": CUBE_HALF, "block": BLOCK_HALF, "pad": PAD_HALF, "bin": BIN
 WORKSPACE_X = (0.33, 0.62)
 WORKSPACE_Y = (-0.24, 0.24)
 PUSH_TOLERANCE = 0.03
+REACH = 0.62  # horizontal reach of the gripper at push height, from the arm base
 
 INSTRUCTIONS: dict[str, tuple[str, ...]] = {
     "pick_place": (
@@ -161,8 +162,8 @@ def _push_ok(placed: Mapping[str, tuple[float, float]], names: Mapping[str, list
     if not 0.1 <= dist <= 0.22:
         return False
     behind = block - (goal - block) / dist * (BLOCK_HALF + 0.04)
-    inside = WORKSPACE_X[0] - 0.05 <= behind[0] <= WORKSPACE_X[1] + 0.05
-    return bool(inside and abs(behind[1]) <= WORKSPACE_Y[1] + 0.05)
+    in_reach = max(np.hypot(*block), np.hypot(*goal)) <= REACH - 0.04
+    return bool(in_reach and behind[0] >= 0.28 and np.hypot(*behind) <= REACH)
 
 
 # --- goal checks on the privileged state -------------------------------------

@@ -22,7 +22,7 @@ import mujoco
 from envs import skills, tasks
 from envs.camera import CameraModel
 from envs.tabletop.arm import FINGER_JOINTS, GRIPPER_MAX, ArmIK
-from envs.tabletop.scene import object_names, scene_xml
+from envs.tabletop.scene import CUBE_HALF, object_names, scene_xml
 
 HOME = np.array([0.4, 0.0, skills.HOVER_Z])
 EE_LOW = np.array([0.15, -0.42, 0.012])
@@ -77,10 +77,8 @@ class TabletopEnv(gym.Env):
         self._home_q = self._solve_home()
         self._site = self.arm.site
         self._finger_q = self.model.joint(FINGER_JOINTS[0]).qposadr[0]
-        self._fingers = {self.model.geom(self.model.body(f).geomadr[0]).id
-                         for f in ("finger_left", "finger_right")}  # fmt: skip
         self._body_id = {n: self.model.body(n).id for ns in self._names.values() for n in ns}
-        self._graspable = {self.model.geom(n).id: n for n in self._names["cube"]}
+        self._graspable = {self._body_id[n]: n for n in self._names["cube"]}
         self._renderer: mujoco.Renderer | None = None
         self._labels: dict[str, str] = {}
         self._pairs: list[list[str]] = []
@@ -215,16 +213,25 @@ class TabletopEnv(gym.Env):
         return reward, success
 
     def _held(self) -> str:
-        """The cube both fingers touch, if any."""
-        contact = self.data.contact
-        touching: dict[int, set[int]] = {}
-        for g1, g2 in zip(contact.geom1, contact.geom2, strict=True):
-            for finger, other in ((g1, g2), (g2, g1)):
-                if finger in self._fingers and other in self._graspable:
-                    touching.setdefault(int(other), set()).add(int(finger))
-        for geom, fingers in touching.items():
-            if len(fingers) == 2:
-                return self._labels.get(self._graspable[geom], "")
+        """The cube between the closing fingers, if any.
+
+        Geometric rather than contact-based: contacts flicker while the arm
+        moves, the cube's place between the fingers does not.
+        """
+        data = self.data
+        if data.ctrl[6] > 0.5 * GRIPPER_MAX:  # commanded open: holds nothing
+            return ""
+        width = 2 * data.qpos[self._finger_q]
+        ee = data.site_xpos[self._site]
+        for body, name in self._graspable.items():
+            offset = np.abs(data.xpos[body] - ee)
+            if (
+                offset[0] < 0.02
+                and offset[1] < 0.015
+                and offset[2] < 0.025
+                and (0.02 < width < 2 * CUBE_HALF + 0.002)
+            ):
+                return self._labels.get(name, "")
         return ""
 
     def _info(self, priv: dict[str, Any]) -> dict[str, Any]:
