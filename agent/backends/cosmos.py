@@ -37,6 +37,7 @@ class CosmosOptions:
     top_p: float = 0.95
     repetition_penalty: float = 1.05
     max_new_tokens: int = 4096
+    min_new_tokens: int = 0  # benchmarks: a fixed decode length (end of turn suppressed)
     retries: int = 2  # extra attempts for unparseable answers
     retry_token_factor: float = 2.0  # max_new_tokens grows by this per retry...
     max_retry_tokens: int = 8192  # ...up to this
@@ -110,35 +111,49 @@ class CosmosBackend(Backend):
         if not model:
             raise BackendError("the cosmos backend needs --model: a hub id such as "
                                "nvidia/Cosmos-Reason1-7B or a local checkpoint directory")  # fmt: skip
-        self.options = CosmosOptions.parse(options)
         import torch
 
-        from agent.backends.vlm_loading import has_video_support, load_model, load_processor
-        from agent.backends.vlm_loading import model_type_of as read_model_type
+        from agent.backends.vlm_loading import load_model, load_processor, model_type_of
 
-        opts = self.options
+        opts = CosmosOptions.parse(options)
         try:
-            self.model_type = read_model_type(model)
+            model_type = model_type_of(model)
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot load Cosmos-Reason checkpoint {model!r}: {exc}") from exc
+        device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = opts.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        _check_video(opts)
+        processor = load_processor(model, model_type)
+        self._setup(load_model(model, model_type, getattr(torch, dtype), device), processor, opts)
+
+    @classmethod
+    def from_loaded(cls, env: EnvInfo, model_id: str, model: Any, processor: Any,
+                    **options: Any) -> CosmosBackend:  # fmt: skip
+        """Wrap a model already in memory (benchmarks: random 7B-shaped weights on the GPU)."""
+        self = cls.__new__(cls)
+        Backend.__init__(self, env, model_id)
+        opts = CosmosOptions.parse(options)
+        _check_video(opts)
+        self._setup(model.eval(), processor, opts)
+        return self
+
+    def _setup(self, model: Any, processor: Any, opts: CosmosOptions) -> None:
+        self.options = opts
+        self.model_obj = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model_type = model.config.model_type
         self.style = opts.style or ("reason1" if self.model_type == "qwen2_5_vl" else "reason2")
-        self.device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        on_cuda = self.device.startswith("cuda")
-        dtype_name = opts.dtype or ("bfloat16" if on_cuda else "float32")
-        self.compiled = opts.compile == "on" or (opts.compile == "auto" and on_cuda)
-        if opts.frames > 1 and not has_video_support():
-            raise BackendError("frames > 1 sends video, which needs torchvision for the "
-                               "Qwen-VL video processor; install torchvision or use frames=1")  # fmt: skip
-        self.processor = load_processor(model, self.model_type)
-        self.model_obj = load_model(model, self.model_type, getattr(torch, dtype_name), self.device)
-        self.tokenizer = self.processor.tokenizer
+        self.device = str(model.device)
+        self.compiled = opts.compile == "on" or (
+            opts.compile == "auto" and self.device.startswith("cuda"))  # fmt: skip
         self._histories: OrderedDict[str, deque[np.ndarray]] = OrderedDict()
         self._fallback_backend: Backend | None = None
-        self._version = str(getattr(self.model_obj.config, "_commit_hash", None) or "local")
+        self._version = str(getattr(model.config, "_commit_hash", None) or "local")
         self.counters: dict[str, float] = dict.fromkeys(
             ("decisions", "parsed", "point_answers", "retried", "fallbacks", "fallback_oracle",
              "fallback_first", "fallback_noop", "generate_calls", "generated_tokens",
-             "decode_steps", "generate_s", "batches", "max_batch_seen"), 0)  # fmt: skip
+             "prefill_s", "decode_s", "decode_steps", "batches", "max_batch_seen"), 0)  # fmt: skip
 
     # ------------------------------------------------------------------ identity
 
@@ -148,9 +163,9 @@ class CosmosBackend(Backend):
 
     def stats(self) -> dict[str, Any]:
         c = dict(self.counters)
-        c["ms_per_decode_step"] = (
-            1e3 * c["generate_s"] / c["decode_steps"] if c["decode_steps"] else None
-        )
+        steps, calls = c["decode_steps"], c["generate_calls"]
+        c["ms_per_decode_step"] = 1e3 * c["decode_s"] / steps if steps else None
+        c["prefill_ms"] = 1e3 * c["prefill_s"] / calls if calls else None
         c.update(style=self.style, model_type=self.model_type, device=self.device,
                  compiled=self.compiled)  # fmt: skip
         return c
@@ -279,20 +294,26 @@ class CosmosBackend(Backend):
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.compiled:
             kwargs["cache_implementation"] = "static"
+        if self.options.min_new_tokens:
+            kwargs["min_new_tokens"] = min(self.options.min_new_tokens, max_new_tokens)
         if self.options.seed >= 0:
             torch.manual_seed(self.options.seed)
+        on_cuda = self.device.startswith("cuda")
+        clock = _FirstTokenClock(on_cuda)
         prompt_len = inputs["input_ids"].shape[1]
         start = time.perf_counter()
         with torch.inference_mode():
-            output = self.model_obj.generate(**inputs, **kwargs)
-        if self.device.startswith("cuda"):
+            output = self.model_obj.generate(**inputs, **kwargs, logits_processor=[clock])
+        if on_cuda:
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
         new_tokens = output[:n, prompt_len:]
+        first = clock.first or end
         c = self.counters
         c["generate_calls"] += 1
-        c["generate_s"] += elapsed
-        c["decode_steps"] += new_tokens.shape[1]
+        c["prefill_s"] += first - start
+        c["decode_s"] += end - first
+        c["decode_steps"] += max(0, new_tokens.shape[1] - 1)
         pad = self.tokenizer.pad_token_id
         c["generated_tokens"] += (
             int((new_tokens != pad).sum()) if pad is not None else new_tokens.numel()
@@ -358,6 +379,31 @@ class CosmosBackend(Backend):
         if self.env.action_shape is not None:
             return Decision(action=np.zeros(self.env.action_shape, np.float32))
         return Decision()
+
+
+class _FirstTokenClock:
+    """Logits hook, called once per generated token: its first call marks the end of prefill."""
+
+    def __init__(self, sync_cuda: bool) -> None:
+        self.sync_cuda = sync_cuda
+        self.first: float | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.first is None:
+            if self.sync_cuda:
+                import torch
+
+                torch.cuda.synchronize()
+            self.first = time.perf_counter()
+        return scores
+
+
+def _check_video(opts: CosmosOptions) -> None:
+    from agent.backends.vlm_loading import has_video_support
+
+    if opts.frames > 1 and not has_video_support():
+        raise BackendError("frames > 1 sends video, which needs torchvision for the "
+                           "Qwen-VL video processor; install torchvision or use frames=1")  # fmt: skip
 
 
 def _bucket(n: int) -> int:
