@@ -4,10 +4,13 @@ A fixed batch window would add its whole length to every lone robot's
 latency. Instead the server decides as soon as waiting cannot pay off:
 
 * the batch is full (`max_batch`), or
-* the oldest request has waited `timeout_s`, or
 * every robot active in the last `active_window_s` already has a request
   waiting (nobody else is coming), which makes a lone robot's request go
-  straight through.
+  straight through, or
+* the oldest request has waited `timeout_s`, or as long as one backend call
+  takes, whichever is shorter: waiting longer than a call costs more than the
+  call it could save, so a backend that costs nothing per call is never
+  waited for.
 
 Requests that pile up while the backend is busy form the next batch on their
 own, so a slow backend batches naturally under load.
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
+UNKNOWN_COST = float("inf")
 
 
 @dataclass(frozen=True)
@@ -31,16 +36,34 @@ class BatchPolicy:
         if self.timeout_s < 0:
             raise ValueError(f"batch timeout must be >= 0, got {self.timeout_s}")
 
-    def should_flush(self, pending: int, oldest_age_s: float, active_robots: int) -> bool:
+    def window_s(self, call_cost_s: float = UNKNOWN_COST) -> float:
+        """Longest useful wait: the configured window, capped at one backend call."""
+        return min(self.timeout_s, call_cost_s)
+
+    def should_flush(self, pending: int, oldest_age_s: float, active_robots: int,
+                     call_cost_s: float = UNKNOWN_COST) -> bool:  # fmt: skip
         if pending == 0:
             return False
-        return (
-            pending >= self.max_batch or oldest_age_s >= self.timeout_s or pending >= active_robots
-        )
+        return (pending >= self.max_batch or pending >= active_robots
+                or oldest_age_s >= self.window_s(call_cost_s))  # fmt: skip
 
-    def wait_s(self, oldest_age_s: float) -> float:
+    def wait_s(self, oldest_age_s: float, call_cost_s: float = UNKNOWN_COST) -> float:
         """How long more requests may still be awaited for the current batch."""
-        return max(0.0, self.timeout_s - oldest_age_s)
+        return max(0.0, self.window_s(call_cost_s) - oldest_age_s)
+
+
+class CallCost:
+    """Running estimate (EMA) of one backend call's duration, in seconds."""
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha = alpha
+        self.seconds = UNKNOWN_COST
+
+    def update(self, seconds: float) -> None:
+        if self.seconds == UNKNOWN_COST:
+            self.seconds = seconds
+        else:
+            self.seconds += self.alpha * (seconds - self.seconds)
 
 
 class RobotActivity:

@@ -21,7 +21,7 @@ import zmq
 
 from agent import protocol as P
 from agent.backends.base import Backend, BackendError, Decision, Observation
-from agent.batching import BatchPolicy, RobotActivity
+from agent.batching import BatchPolicy, CallCost, RobotActivity
 from agent.envspec import EnvDescription, ObservationSpec
 from agent.episodes import EpisodeBook
 from agent.recording import EpisodeWriter
@@ -61,6 +61,7 @@ class Server:
         self.spec = env.spec if env else ObservationSpec()
         self.policy = BatchPolicy(config.max_batch, config.batch_timeout_ms / 1000.0)
         self.activity = RobotActivity(self.policy.active_window_s)
+        self.call_cost = CallCost()
         self.writer = EpisodeWriter(config.record_dir, {"env_id": self.env_id,
                                     "backend": backend.name}) if config.record_dir else None  # fmt: skip
         self.episodes = EpisodeBook(self.env_id, self.writer, config.episode_timeout_s,
@@ -73,7 +74,9 @@ class Server:
         self.endpoint: str | None = None
         self._started = time.monotonic()
         self.counters = {"requests": 0, "decisions": 0, "errors": 0, "batches": 0,
-                         "max_batch_seen": 0, "busy_s": 0.0, "backend_s": 0.0}  # fmt: skip
+                         "max_batch_seen": 0, "busy_s": 0.0, "backend_s": 0.0,
+                         "backend_cpu_s": 0.0}  # fmt: skip
+        self._loop_clock: int | None = None  # CPU-time clock of the loop thread
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -127,6 +130,7 @@ class Server:
             "batches": c["batches"], "max_batch_seen": c["max_batch_seen"],
             "mean_batch": c["decisions"] / max(1, c["batches"]),
             "runtime_overhead_us": 1e6 * (c["busy_s"] - c["backend_s"]) / handled,
+            "runtime_cpu_us": 1e6 * (self._loop_cpu_s() - c["backend_cpu_s"]) / handled,
             "backend_ms_per_batch": 1e3 * c["backend_s"] / max(1, c["batches"]),
             "open_episodes": len(self.episodes), "closed_episodes": self.episodes.closed,
             "recorded_episodes": len(self.writer.written) if self.writer else 0,
@@ -135,7 +139,12 @@ class Server:
 
     # ------------------------------------------------------------------ loop
 
+    def _loop_cpu_s(self) -> float:
+        """CPU time the loop thread has used: immune to other processes taking the cores."""
+        return 0.0 if self._loop_clock is None else time.clock_gettime(self._loop_clock)
+
     def run(self) -> None:
+        self._loop_clock = time.pthread_getcpuclockid(threading.get_ident())
         if self._socket is None:
             self.bind()
         sock = self._socket
@@ -147,14 +156,15 @@ class Server:
             while not self._stop.is_set():
                 if waiting:
                     age = time.perf_counter() - waiting[0].received
-                    timeout_ms = self.policy.wait_s(age) * 1000.0
+                    timeout_ms = self.policy.wait_s(age, self.call_cost.seconds) * 1000.0
                 else:
                     timeout_ms = 100.0
                 if sock.poll(timeout_ms, zmq.POLLIN):
                     self._drain(sock, waiting)
                 while waiting and self.policy.should_flush(
-                    len(waiting), time.perf_counter() - waiting[0].received, self.activity.active()
-                ):
+                    len(waiting), time.perf_counter() - waiting[0].received,
+                    self.activity.active(), self.call_cost.seconds,
+                ):  # fmt: skip
                     batch = waiting[: self.policy.max_batch]
                     del waiting[: self.policy.max_batch]
                     self._decide(sock, batch)
@@ -221,8 +231,11 @@ class Server:
     def _decide(self, sock: zmq.Socket, batch: list[_Waiting]) -> None:
         start = time.perf_counter()
         observations = [w.request.observation for w in batch]
+        cpu_start = time.thread_time()
         results = self._call_backend(observations)
         inference_s = time.perf_counter() - start
+        self.counters["backend_cpu_s"] += time.thread_time() - cpu_start
+        self.call_cost.update(inference_s)
         model_id, model_version = self.backend.model_id, self.backend.model_version
         c = self.counters
         c["batches"] += 1

@@ -8,7 +8,7 @@ import pytest
 
 from agent import protocol as P
 from agent.backends.base import Decision
-from agent.batching import BatchPolicy, RobotActivity
+from agent.batching import BatchPolicy, CallCost, RobotActivity
 
 
 def openpi_pack_array(obj):
@@ -175,3 +175,20 @@ def test_robot_activity_forgets_quiet_robots():
     activity.seen("b", now=0.8)
     assert activity.active(now=0.9) == 2
     assert activity.active(now=1.5) == 1
+
+
+def test_batch_window_never_exceeds_one_backend_call():
+    policy = BatchPolicy(max_batch=16, timeout_s=0.010)
+    assert policy.should_flush(pending=2, oldest_age_s=0.0002, active_robots=8, call_cost_s=0.0001)
+    assert not policy.should_flush(
+        pending=2, oldest_age_s=0.0002, active_robots=8, call_cost_s=0.005
+    )
+    assert policy.wait_s(0.001, call_cost_s=0.004) == pytest.approx(0.003)
+
+
+def test_call_cost_tracks_backend_time():
+    cost = CallCost(alpha=0.5)
+    assert cost.seconds == float("inf")
+    cost.update(0.004)
+    cost.update(0.002)
+    assert cost.seconds == pytest.approx(0.003)
