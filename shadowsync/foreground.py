@@ -1,8 +1,9 @@
 """Foreground counterparts (FR-MA, FR-EASGD, FR-BMUF): the same rules, inside the loop.
 
 The training loop calls `step()` after every iteration; every `every`-th call
-blocks on a synchronisation round. All ranks must call `step()` equally often
-(as with synchronous SGD), because the rounds are matched by count.
+blocks on a synchronisation round. Rounds are matched by count, so ranks must
+call `step()` equally often until they agree to stop (the stop flag rides in a
+round, as in the shadow thread).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ForegroundSync:
         self.final_average = final_average
         self._stats = SyncStats(algorithm=f"fr-{algorithm}")
         self._size = 0
+        self._finished = False
 
     def start(self) -> ForegroundSync:
         self._size = comm.world_size()
@@ -51,19 +53,27 @@ class ForegroundSync:
         self.rule.start(flatten(self.params) if start_w is None else start_w, self._size)
         return self
 
-    def step(self) -> bool:
-        """Count one iteration; run a (blocking) round on every `every`-th. True if it synced."""
+    def step(self, stop: bool = False) -> bool:
+        """Count one iteration; every `every`-th runs a blocking round.
+
+        Pass `stop=True` once this rank wants to finish (out of data or time);
+        the flag rides along in the next round, and the return value is True on
+        every rank from that round on, so all ranks leave the loop together.
+        """
         if not self._size:
             raise RuntimeError("ForegroundSync.start() was not called")
+        if self._finished:
+            return True
         self._stats.worker_iterations += 1
         if self._stats.worker_iterations % self.every:
             return False
-        result = run_round(self.params, self.rule, f"{self.name}.round", self._size)
+        result = run_round(self.params, self.rule, f"{self.name}.round", self._size, stop=stop)
         self._stats.rounds += 1
         self._stats.bytes_sent += result.bytes_sent
         self._stats.comm_seconds += result.comm_seconds
         self._stats.round_seconds += result.comm_seconds
-        return True
+        self._finished = result.stop
+        return result.stop
 
     def stop(self) -> SyncStats:
         if self.final_average:
