@@ -221,3 +221,22 @@ def test_agent_serve_cli_with_a_save_pretrained_directory(checkpoints):
         out = stop_process(proc)
     first = replies[0].decision
     assert first.skill_index == 1 and first.reasoning == REASON1_ANSWER, out
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_mode_prints_json_rows():
+    import json
+    import subprocess
+    import sys
+
+    from tests.runtime_fixtures import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cosmos_decide.py"), "--tiny",
+                           "--json", "--robots", "4", "--tokens", "4", "--seconds", "2"],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert [(r["robots"], r["max_batch"]) for r in result["rows"]] == [(4, 1), (4, 4)]
+    for row in result["rows"]:
+        assert row["decisions"] > 0 and row["decisions_per_s"] > 0
+        assert row["ms_per_decode_step"] > 0
