@@ -138,6 +138,14 @@ def test_random_model_never_crashes_and_counts_every_outcome(checkpoints):
         assert decision.skill_index is not None or decision.action is not None
 
 
+def test_observation_without_options_is_not_asked(checkpoints):
+    backend = load_backend("cosmos", ENV, str(checkpoints["r1"]), **GREEDY)
+    (decision,) = backend.decide([Observation("robot", "ep", 0, "wave", options=[])])
+    np.testing.assert_array_equal(decision.action, np.zeros(4, np.float32))  # no-op action
+    assert decision.reasoning == "[cosmos fallback: no options to choose from]"
+    assert backend.stats()["generate_calls"] == 0
+
+
 def test_options_are_validated_and_converted():
     parsed = CosmosOptions.parse({"temperature": "0.7", "points": "yes", "retries": 3})
     assert (parsed.temperature, parsed.points, parsed.retries) == (0.7, True, 3)

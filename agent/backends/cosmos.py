@@ -209,7 +209,7 @@ class CosmosBackend(Backend):
             pending = still
         missing = [i for i, d in enumerate(decisions) if d is None]
         for i, decision in zip(missing, self._fall_back([batch[i] for i in missing],
-                               [completions.get(i, "") for i in missing]), strict=True):  # fmt: skip
+                               [completions.get(i) for i in missing]), strict=True):  # fmt: skip
             decisions[i] = decision
         self.counters["decisions"] += len(batch)
         return [d for d in decisions if d is not None]
@@ -237,10 +237,11 @@ class CosmosBackend(Backend):
             obs.instruction, list(obs.options), allow_point=self._allow_point
         )
         image = self._pick_image(obs)
-        frames = self._frames(obs.episode_id, image) if remember and image is not None else []
+        remember = remember and image is not None and self.options.frames > 1
+        frames = self._frames(f"{obs.robot_id}/{obs.episode_id}", image) if remember else []
         if image is None:
             media, images, video = [], [], None
-        elif self.options.frames > 1 and len(frames) > 1:
+        elif len(frames) > 1:
             media, images, video = ["video"], [], np.stack(frames)
         else:
             media, images, video = ["image"], [image], None
@@ -258,11 +259,11 @@ class CosmosBackend(Backend):
         image = obs.images[camera] if camera else next(iter(obs.images.values()))
         return np.ascontiguousarray(image, dtype=np.uint8)
 
-    def _frames(self, episode_id: str, image: np.ndarray) -> list[np.ndarray]:
-        """This episode's last `frames` images, oldest first (bounded number of episodes)."""
-        history = self._histories.pop(episode_id, None) or deque(maxlen=self.options.frames)
+    def _frames(self, key: str, image: np.ndarray) -> list[np.ndarray]:
+        """This episode's last `frames` decision images, oldest first (bounded episode count)."""
+        history = self._histories.pop(key, None) or deque(maxlen=self.options.frames)
         history.append(image)
-        self._histories[episode_id] = history
+        self._histories[key] = history
         while len(self._histories) > MAX_EPISODE_HISTORIES:
             self._histories.popitem(last=False)
         return list(history)
@@ -345,11 +346,12 @@ class CosmosBackend(Backend):
 
     # ------------------------------------------------------------------ fallback
 
-    def _fall_back(self, batch: list[Observation], texts: list[str]) -> list[Decision]:
-        """Decisions for what the model could not answer; counted in stats()."""
+    def _fall_back(self, batch: list[Observation], texts: list[str | None]) -> list[Decision]:
+        """Decisions for what the model could not answer (text None: nothing to ask)."""
         decisions = []
         for obs, text in zip(batch, texts, strict=True):
-            note = f"[cosmos fallback: unparseable answer] {text.strip()[:2000]}".strip()
+            note = ("[cosmos fallback: no options to choose from]" if text is None else
+                    f"[cosmos fallback: unparseable answer] {text.strip()[:2000]}".strip())  # fmt: skip
             decision = self._oracle(obs) if self.options.fallback == "oracle" else None
             kind = "oracle"
             if decision is None:
