@@ -5,7 +5,8 @@ thread or process. Every request carries a fresh request id and only the
 reply with that id is returned, so a reply that arrives late (after a
 timeout) is dropped and never taken for the current one. After a timeout the
 socket is closed (LINGER 0) and a new one connects, so a restarted server is
-picked up; `retries` resends the request that many times.
+picked up; `retries` resends the request that many times (also after a
+`shutting_down` error reply from a server that is stopping).
 """
 
 from __future__ import annotations
@@ -125,7 +126,13 @@ class AgentClient:
                                  f"limit of {limit} bytes")  # fmt: skip
             sent = time.perf_counter()
             self._socket.send(payload, copy=len(payload) < 65536)
-            reply = self._await(request_id, sent)
+            try:
+                reply = self._await(request_id, sent)
+            except ServerError as exc:
+                if exc.code != P.SHUTTING_DOWN or attempt == self.retries:
+                    raise
+                reply = None
+                time.sleep(min(0.5, self.timeout_ms / 4000.0))  # let its successor start
             if reply is not None:
                 return reply, 1e3 * (time.perf_counter() - sent)
             self.reconnect()

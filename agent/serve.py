@@ -45,8 +45,13 @@ def serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     server = Server(backend, config, env)
     endpoint = server.bind()
+
+    def graceful(sig: int, _frame: object) -> None:
+        server.stop()  # a second signal is not caught: it interrupts a stuck shutdown
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: server.stop())
+        signal.signal(sig, graceful)
     print(f"[serve] {args.env} · backend {backend_name} ({backend.model_id} "
           f"v{backend.model_version}) · listening on {endpoint} · max batch {config.max_batch}, "
           f"window {config.batch_timeout_ms} ms" + (f" · recording to {args.record}"
