@@ -46,6 +46,7 @@ def checkpoints(tmp_path_factory):
         "r2_point": save_tiny_vlm(root / "r2p", "qwen3_vl", scripted_answer=POINT_ANSWER),
         "cut_off": save_tiny_vlm(root / "cut", "qwen2_5_vl", scripted_answer="<think>hmm"),
         "random": save_tiny_vlm(root / "random", "qwen2_5_vl"),
+        "random_r2": save_tiny_vlm(root / "random_r2", "qwen3_vl"),
     }
 
 
@@ -144,6 +145,16 @@ def test_observation_without_options_is_not_asked(checkpoints):
     np.testing.assert_array_equal(decision.action, np.zeros(4, np.float32))  # no-op action
     assert decision.reasoning == "[cosmos fallback: no options to choose from]"
     assert backend.stats()["generate_calls"] == 0
+
+
+@pytest.mark.parametrize("name", ["random", "random_r2"])
+def test_left_padded_batch_decodes_each_robot_as_if_alone(checkpoints, name):
+    backend = load_backend("cosmos", ENV, str(checkpoints[name]), temperature="0",
+                           max_new_tokens="10", retries="0", fallback="first")  # fmt: skip
+    batch = observations(3)  # different image sizes and menus: different prompt lengths
+    together = [d.reasoning for d in backend.decide(batch)]
+    alone = [backend.decide([obs])[0].reasoning for obs in batch]
+    assert together == alone
 
 
 def test_options_are_validated_and_converted():
