@@ -86,6 +86,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="require CURVE authentication with the keys in DIR (see `agent keys`)",
     )
+    serve.add_argument(
+        "--openpi-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve openpi's WebSocket policy protocol on PORT (0: any)",
+    )
+    serve.add_argument("--openpi-host", default="127.0.0.1", help="host for --openpi-port")
     serve.add_argument("--quiet", action="store_true", help="no periodic statistics")
     serve.set_defaults(handler=_serve)
 

@@ -43,8 +43,21 @@ def serve(args: argparse.Namespace) -> int:
         episode_timeout_s=args.episode_timeout_s, record_dir=args.record, curve_dir=args.curve,
         reload_every_s=args.reload_every_s,
     )  # fmt: skip
+    if args.openpi_port is not None and args.curve is not None:
+        print("agent serve: --openpi-port cannot be combined with --curve", file=sys.stderr)
+        return 2
     server = Server(backend, config, env)
     endpoint = server.bind()
+    gateway = None
+    if args.openpi_port is not None:
+        from agent.openpi_gateway import OpenpiGateway
+
+        local = endpoint.replace("//0.0.0.0:", "//127.0.0.1:").replace("//*:", "//127.0.0.1:")
+        gateway = OpenpiGateway(local, args.openpi_host, args.openpi_port,
+                                max_message_bytes=config.max_message_bytes)  # fmt: skip
+        port = gateway.start()
+        print(f"[serve] openpi WebSocket front door on ws://{args.openpi_host}:{port} "
+              f"(GET /healthz)", flush=True)  # fmt: skip
 
     def graceful(sig: int, _frame: object) -> None:
         server.stop()  # a second signal is not caught: it interrupts a stuck shutdown
@@ -65,6 +78,8 @@ def serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         done.set()
+        if gateway is not None:
+            gateway.stop()
     print("[serve] stopped: " + json.dumps({k: v for k, v in server.stats().items()
                                             if k != "backend"}), flush=True)  # fmt: skip
     return 0

@@ -124,7 +124,7 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
-        handled = max(1, c["requests"])
+        handled = c["requests"] or float("inf")  # per-request figures are 0 before any request
         return {
             "requests": c["requests"], "decisions": c["decisions"], "errors": c["errors"],
             "batches": c["batches"], "max_batch_seen": c["max_batch_seen"],

@@ -1,0 +1,124 @@
+"""The openpi WebSocket front door: metadata frame, msgpack-numpy in, action dict out, /healthz."""
+
+import threading
+import time
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+from runtime_fixtures import TEST_ENV, running_server
+from websockets.sync.client import connect
+
+from agent import protocol as P
+from agent.backends.base import Backend, Decision
+from agent.openpi_gateway import OpenpiGateway, openpi_observation
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def openpi_pack(obj):
+    """openpi_client.msgpack_numpy's array encoding, written out independently."""
+    if isinstance(obj, np.ndarray):
+        return {
+            b"__ndarray__": True,
+            b"data": obj.tobytes(),
+            b"dtype": obj.dtype.str,
+            b"shape": obj.shape,
+        }
+    return obj
+
+
+def libero_observation(step=0):
+    return {"observation/image": np.zeros((16, 16, 3), np.uint8),
+            "observation/wrist_image": np.zeros((3, 16, 16), np.uint8),
+            "observation/state": np.full(8, step, np.float64), "prompt": "open the drawer"}  # fmt: skip
+
+
+class EchoStep(Backend):
+    name = "echo"
+
+    def __init__(self, env, model=None):
+        super().__init__(env, model)
+        self.sizes = []
+
+    def decide(self, batch):
+        self.sizes.append(len(batch))
+        time.sleep(0.005)  # a call costs something, so concurrent robots pile up into batches
+        return [
+            Decision(action=np.full(4, obs.state[0], np.float32), reasoning="echo") for obs in batch
+        ]
+
+
+@pytest.fixture
+def gateway():
+    backend = EchoStep(TEST_ENV)
+    with running_server(backend, batch_timeout_ms=50) as server:
+        door = OpenpiGateway(server.endpoint, port=0)
+        port = door.start()
+        try:
+            yield port, backend
+        finally:
+            door.stop()
+
+
+def test_openpi_observation_mapping():
+    fields = openpi_observation(libero_observation(step=2))
+    assert set(fields["images"]) == {"image", "wrist_image"}
+    assert fields["images"]["wrist_image"].shape == (16, 16, 3)
+    assert fields["state"].dtype == np.float32 and fields["state"][0] == 2
+    assert fields["instruction"] == "open the drawer"
+
+
+def test_openpi_client_round_trip(gateway):
+    port, _ = gateway
+    with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
+        metadata = P.unpackb(ws.recv())
+        assert metadata["protocol"] == P.PROTOCOL_VERSION and metadata["backend"] == "echo"
+        for step in range(3):
+            ws.send(msgpack.packb(libero_observation(step), default=openpi_pack))
+            action = P.unpackb(ws.recv())
+            assert action["actions"].shape == (1, 4) and action["actions"][0, 0] == step
+            assert action["reasoning"] == "echo" and "infer_ms" in action["server_timing"]
+        assert "prev_total_ms" in action["server_timing"]
+
+
+def test_errors_are_text_frames_and_the_connection_stays_open(gateway):
+    port, _ = gateway
+    with connect(f"ws://127.0.0.1:{port}", compression=None) as ws:
+        ws.recv()
+        ws.send(b"\xc1 not msgpack")
+        error = ws.recv()
+        assert isinstance(error, str) and "Error in inference server" in error
+        ws.send(msgpack.packb(libero_observation(5), default=openpi_pack))
+        assert P.unpackb(ws.recv())["actions"][0, 0] == 5
+
+
+def test_healthz(gateway):
+    port, _ = gateway
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        assert response.status == 200 and response.read() == b"OK\n"
+
+
+def test_openpi_robots_share_the_batching_scheduler(gateway):
+    port, backend = gateway
+    barrier = threading.Barrier(4)
+    errors = []
+
+    def robot():
+        try:
+            with connect(f"ws://127.0.0.1:{port}", compression=None) as ws:
+                ws.recv()
+                barrier.wait(10)
+                for step in range(5):
+                    ws.send(msgpack.packb(libero_observation(step), default=openpi_pack))
+                    assert P.unpackb(ws.recv())["actions"][0, 0] == step
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=robot) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and max(backend.sizes) > 1
