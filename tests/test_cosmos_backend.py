@@ -227,6 +227,7 @@ def test_in_process_server_drives_a_simulated_robot_and_records_reasoning(checkp
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_agent_serve_cli_with_a_save_pretrained_directory(checkpoints):
     port = free_port()
     proc = serve_subprocess(port, "--env", "tabletop/PickPlace-v0", "--backend", "cosmos",
@@ -243,6 +244,7 @@ def test_agent_serve_cli_with_a_save_pretrained_directory(checkpoints):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_benchmark_tiny_mode_prints_json_rows():
     import json
     import subprocess
