@@ -143,8 +143,8 @@ def tiny_config(model_type: str, tokenizer: Any, hidden: int = 64, layers: int =
 def prompt_end_token(tokenizer: Any) -> int:
     """The last prompt token every generation starts from (end of the assistant header)."""
     messages = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                        return_dict=False)  # fmt: skip
     return int(ids[-1])
 
 
