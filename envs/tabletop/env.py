@@ -27,7 +27,8 @@ from envs.tabletop.scene import CUBE_HALF, object_names, scene_xml
 HOME = np.array([0.4, 0.0, skills.HOVER_Z])
 EE_LOW = np.array([0.15, -0.42, 0.012])
 EE_HIGH = np.array([0.75, 0.42, 0.4])
-STATE_DIM = 16
+STATE_DIM = 16  # arm qpos (6), arm qvel (6), gripper site xyz (3), gripper opening (1)
+STATE_BOUND = 10.0  # loose finite bound; joint speeds are clipped to it
 SUCCESS_BONUS = 10.0
 SKILL_TIMEOUT = 80  # low-level steps before a skill gives up
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.:;'-()"
@@ -88,7 +89,7 @@ class TabletopEnv(gym.Env):
         if images:
             for key, _ in self.cameras:
                 obs[key] = spaces.Box(0, 255, (self.height, self.width, 3), np.uint8)
-        obs["state"] = spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)
+        obs["state"] = spaces.Box(-STATE_BOUND, STATE_BOUND, (STATE_DIM,), np.float32)
         obs["instruction"] = spaces.Text(max_length=200, charset=INSTRUCTION_CHARSET)
         self.observation_space = spaces.Dict(obs)
         self.action_space = spaces.Box(-1.0, 1.0, (4,), np.float32)
@@ -240,9 +241,10 @@ class TabletopEnv(gym.Env):
 
     def _state(self) -> np.ndarray:
         d = self.data
-        return np.concatenate([d.qpos[self.arm.qadr], d.qvel[self.arm.dofs],
-                               d.site_xpos[self._site], [2 * d.qpos[self._finger_q]]],
-                              dtype=np.float32)  # fmt: skip
+        state = np.concatenate(
+            [d.qpos[self.arm.qadr], d.qvel[self.arm.dofs], d.site_xpos[self._site],
+             [2 * d.qpos[self._finger_q]]], dtype=np.float32)  # fmt: skip
+        return np.clip(state, -STATE_BOUND, STATE_BOUND, out=state)
 
     def _observation(self) -> dict[str, Any]:
         obs: dict[str, Any] = {}
