@@ -11,21 +11,9 @@ import numpy as np
 import pytest
 
 import envs
-from envs import oracle
+from envs import evaluate, oracle
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def run_oracle(env: envs.SkillEnv, seed: int, max_skills: int = 40) -> tuple[dict, list[str]]:
-    _, info = env.reset(seed=seed)
-    chosen = []
-    for _ in range(max_skills):
-        decision = oracle.decide(env.privileged_state(), info["options"])
-        _, _, terminated, truncated, info = env.step(decision.skill_index)
-        chosen.append(info["skill"])
-        if terminated or truncated:
-            break
-    return info, chosen
 
 
 def test_import_registers_ids_without_mujoco():
@@ -64,12 +52,15 @@ def test_privileged_state_is_plain_json_data():
 
 def test_pick_place_oracle_episode_through_skill_env():
     env = envs.make_skill_env("tabletop/PickPlace-v0", images=False)
-    info, chosen = run_oracle(env, seed=0)
-    assert info["is_success"] is True
-    assert chosen[0].startswith("move above the ") and "grasp" in chosen
-    assert chosen[-1].startswith("place on the ")
-    assert 0 < info["low_level_steps"] <= 80
+    log = evaluate.run_oracle_episode(env, seed=0)
+    assert log.success
+    assert log.skills[0].startswith("move above the ") and "grasp" in log.skills
+    assert log.skills[-1].startswith("place on the ")
+    assert 0 < log.low_level_steps <= 80 * len(log.skills)
+    _, info = env.reset(seed=0)
+    _, _, _, _, info = env.step(0)
     assert set(info) >= {"options", "instruction", "is_success", "skill", "low_level_steps"}
+    assert info["skill"] == log.skills[0] and 0 < info["low_level_steps"] <= 80
 
 
 def test_skill_env_rejects_an_index_outside_the_menu():

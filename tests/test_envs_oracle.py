@@ -1,0 +1,39 @@
+"""The oracle solves every task (the full 100-seed check is `python -m envs.evaluate`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import envs
+from envs import evaluate
+
+SEEDS = 20  # CI subset; `python -m envs.evaluate --seeds 100` is the full >= 95% check
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("env_id", sorted(envs.ENV_IDS))
+def test_oracle_success_rate(env_id):
+    result = evaluate.evaluate([env_id], SEEDS, progress=False)[env_id]
+    assert result["success_rate"] >= 0.95, result
+
+
+@pytest.mark.timeout(60)
+def test_oracle_episode_log_and_skill_sequence():
+    env = envs.make_skill_env("tabletop/Sort-v0", image_size=32)
+    log = evaluate.run_oracle_episode(env, seed=1, keep_frames=True)
+    assert log.success
+    assert log.skills.count("grasp") == 3  # one pick per cube
+    assert sum(s.startswith("place in the ") for s in log.skills) == 3
+    assert len(log.frames) == len(log.skills) + 1 and log.frames[0].shape == (32, 32, 3)
+    assert all(r.endswith(".") for r in log.rationales)
+
+
+@pytest.mark.timeout(60)
+def test_evaluate_cli_prints_json(capsys):
+    assert evaluate.main(["--seeds", "2", "--env", "tabletop/Push-v0"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tabletop/Push-v0"]["episodes"] == 2
+    assert out["tabletop/Push-v0"]["success_rate"] == 1.0
