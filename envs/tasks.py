@@ -7,6 +7,7 @@ the skill layer and the oracle agree on what "done" means. numpy + stdlib only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -172,19 +173,18 @@ def _push_ok(placed: Mapping[str, tuple[float, float]], names: Mapping[str, list
 def placed(priv: Mapping[str, Any], obj: str, dest: str) -> bool:
     """Whether object `obj` (display name) rests at destination `dest`."""
     objects = priv["objects"]
-    o = np.asarray(objects[obj]["pos"], dtype=float)
-    d = np.asarray(objects[dest]["pos"], dtype=float)
-    kind, half = objects[dest]["kind"], float(objects[obj]["half"])
-    dxy = o[:2] - d[:2]
+    (ox, oy, oz), (dx, dy, dz) = objects[obj]["pos"], objects[dest]["pos"]
+    kind, half = objects[dest]["kind"], objects[obj]["half"]
+    ex, ey = abs(ox - dx), abs(oy - dy)
     if kind == "pad":
-        return bool(np.abs(dxy).max() < PAD_HALF - 0.01 and o[2] < half + 0.01)
+        return max(ex, ey) < PAD_HALF - 0.01 and oz < half + 0.01
     if kind == "cube":
-        on_top = abs(o[2] - (d[2] + float(objects[dest]["half"]) + half)) < 0.01
-        return bool(np.linalg.norm(dxy) < 0.02 and on_top)
+        on_top = abs(oz - (dz + objects[dest]["half"] + half)) < 0.01
+        return math.hypot(ex, ey) < 0.02 and on_top
     if kind == "bin":
-        return bool(np.abs(dxy).max() < BIN_HALF and o[2] < BIN_FLOOR + half + 0.015)
+        return max(ex, ey) < BIN_HALF and oz < BIN_FLOOR + half + 0.015
     if kind == "target":
-        return bool(np.linalg.norm(dxy) < PUSH_TOLERANCE)
+        return math.hypot(ex, ey) < PUSH_TOLERANCE
     raise ValueError(f"unknown destination kind {kind!r}")
 
 
@@ -194,16 +194,16 @@ def pending(priv: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def is_success(priv: Mapping[str, Any]) -> bool:
-    return not pending(priv) and not priv["held"]
+    return not priv["held"] and not pending(priv)
 
 
-def goal_distance(priv: Mapping[str, Any]) -> float:
-    """Dense shaping: gripper-to-object plus object-to-destination distance."""
+def progress(priv: Mapping[str, Any]) -> tuple[bool, float]:
+    """(success, dense shaping distance): gripper-to-object plus object-to-destination."""
+    todo = pending(priv)
     objects, total = priv["objects"], 0.0
-    ee = np.asarray(priv["ee"], dtype=float)
-    for i, (o, d) in enumerate(pending(priv)):
-        op = np.asarray(objects[o]["pos"], dtype=float)
-        total += float(np.linalg.norm(op[:2] - np.asarray(objects[d]["pos"], dtype=float)[:2]))
+    for i, (o, d) in enumerate(todo):
+        op = objects[o]["pos"]
+        total += math.dist(op[:2], objects[d]["pos"][:2])
         if i == 0 and priv["held"] != o:
-            total += float(np.linalg.norm(ee - op))
-    return total
+            total += math.dist(priv["ee"], op)
+    return not todo and not priv["held"], total

@@ -123,11 +123,12 @@ class TabletopEnv(gym.Env):
         data.ctrl[6] = GRIPPER_MAX
         mujoco.mj_forward(model, data)
         self._priv = self.privileged_state()
-        return self._observation(), self._info(self._priv)
+        self._success = tasks.is_success(self._priv)
+        return self._observation(), self._info()
 
     def step(self, action):
         reward, success = self._advance(np.asarray(action, dtype=np.float64))
-        return self._observation(), reward, success, False, self._info(self._priv)
+        return self._observation(), reward, success, False, self._info()
 
     def render(self):
         if self.render_mode == "rgb_array":
@@ -196,7 +197,7 @@ class TabletopEnv(gym.Env):
         return self._observation()
 
     def info(self) -> dict[str, Any]:
-        return self._info(self._priv)
+        return self._info()
 
     # --- internals ----------------------------------------------------------
 
@@ -209,9 +210,8 @@ class TabletopEnv(gym.Env):
         data.ctrl[6] = (action[3] + 1.0) * 0.5 * GRIPPER_MAX
         mujoco.mj_step(self.model, data, nstep=self.frame_skip)
         self._priv = priv = self.privileged_state()
-        success = tasks.is_success(priv)
-        reward = -tasks.goal_distance(priv) + (SUCCESS_BONUS if success else 0.0)
-        return reward, success
+        self._success, distance = tasks.progress(priv)
+        return -distance + (SUCCESS_BONUS if self._success else 0.0), self._success
 
     def _held(self) -> str:
         """The cube between the closing fingers, if any.
@@ -235,9 +235,9 @@ class TabletopEnv(gym.Env):
                 return self._labels.get(name, "")
         return ""
 
-    def _info(self, priv: dict[str, Any]) -> dict[str, Any]:
-        return {"is_success": tasks.is_success(priv), "instruction": self.instruction,
-                "options": skills.options(priv)}  # fmt: skip
+    def _info(self) -> dict[str, Any]:
+        return {"is_success": self._success, "instruction": self.instruction,
+                "options": skills.options(self._priv)}  # fmt: skip
 
     def _state(self) -> np.ndarray:
         d = self.data
