@@ -47,8 +47,9 @@ class EpisodeBook:
         ep.steps += 1
         if self.writer is None:
             return
-        if ep.buffer.last_step is not None:
-            ep.buffer.set_reward(ep.buffer.last_step, reward)
+        last = ep.buffer.last_step
+        # the reward belongs to the previous decision; a retried step must not take it
+        ep.buffer.set_reward(last if last is not None and last < obs.step else obs.step - 1, reward)
         ep.buffer.add_step(obs, decision, timing, model_id, model_version)
         if len(ep.buffer) >= self.max_steps:
             self._close(obs.episode_id, EpisodeEnd("too_long"))

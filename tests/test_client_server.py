@@ -183,3 +183,17 @@ def test_req_clients_work_too():
         reply = P.parse_reply(sock.recv())
         sock.close()
     assert reply.type == "hello" and reply.request_id == 1
+
+
+def test_a_retried_step_replaces_itself_and_keeps_rewards_in_place(tmp_path):
+    with (
+        running_server(record_dir=tmp_path) as server,
+        AgentClient(server.endpoint, timeout_ms=5000) as client,
+    ):
+        client.decide(episode_id="retry", step=0)
+        client.decide(episode_id="retry", step=1, reward=1.0)
+        client.decide(episode_id="retry", step=1, reward=1.0)  # the robot resent step 1
+        client.end_episode("retry", reward=2.0, terminated=True)
+    (episode,) = list(iter_episodes(tmp_path))
+    assert episode.column("step") == [0, 1]
+    np.testing.assert_array_equal(episode.rewards(), [1.0, 2.0])

@@ -38,9 +38,10 @@ def test_tabletop_episode_through_the_oracle_backend(tmp_path):
     assert np.nansum(episode.rewards()) == pytest.approx(result.total_reward, rel=1e-5)
 
 
-def test_pusher_runs_on_low_level_actions():
-    env = gym.make("Pusher-v5", max_episode_steps=20)
-    with running_env_server("Pusher-v5", "zero") as server:
+@pytest.mark.parametrize("env_id", ["Pusher-v5", "Reacher-v5"])
+def test_standard_mujoco_envs_run_on_low_level_actions(env_id):
+    env = gym.make(env_id, max_episode_steps=20)
+    with running_env_server(env_id, "zero") as server:
         policy = RemotePolicy(server.endpoint, timeout_ms=10_000)
         try:
             result = run_episode(env, policy, seed=0)
