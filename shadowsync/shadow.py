@@ -1,7 +1,7 @@
 """ShadowSync: a shadow thread that synchronises replicas while workers keep training.
 
     with ShadowSync(model, algorithm="ma") as sync:
-        Hogwild(model, lr=0.05, workers=2, on_step=sync.tick).run(loss_fn, shards)
+        Hogwild(model, lr=0.05, on_step=sync.tick).run(loss_fn, shards)  # a thread per shard
     print(sync.stats.sync_gap)
 
 Neither the backward pass nor the training loop waits on communication; the
@@ -30,7 +30,7 @@ class ShadowSync:
     """Background synchronisation of one model's replicas across Horovod ranks.
 
     `algorithm` is "ma", "easgd" or "bmuf"; `options` go to the rule (e.g.
-    `alpha=0.1` for easgd, `block_momentum=0.875` for bmuf). `interval` is the
+    `alpha=0.1` for easgd, `block_momentum=0.875, nesterov=True` for bmuf). `interval` is the
     least time between round starts (0: back to back, as in the paper). `name`
     prefixes every collective this object issues; give each ShadowSync alive
     at the same time its own name. On exit the shadow threads of all ranks stop
@@ -60,6 +60,7 @@ class ShadowSync:
         self.final_average = final_average
         self.poll_interval = poll_interval
         self._stats = SyncStats(algorithm=algorithm)
+        self._size = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
