@@ -106,7 +106,7 @@ class RemotePolicy:
 @dataclass
 class EpisodeResult:
     episode_id: str
-    success: bool
+    success: bool | None  # None: the env has no notion of success (no info["is_success"])
     decisions: int
     total_reward: float
     terminated: bool
@@ -132,7 +132,7 @@ def run_episode(env: gym.Env, policy: RemotePolicy, seed: int | None = None,
             break
     else:
         truncated = True
-    success = bool(info.get("is_success", False))
+    success = bool(info["is_success"]) if "is_success" in info else None
     policy.end_episode(reward=reward, terminated=terminated, truncated=truncated, success=success)
     return EpisodeResult(episode_id, success, len(latencies), total, terminated, truncated,
                          latencies)  # fmt: skip

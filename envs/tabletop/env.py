@@ -56,7 +56,7 @@ class TabletopEnv(gym.Env):
         image_size: int | tuple[int, int] = 224,
         wrist_camera: bool = False,
         images: bool = True,
-        frame_skip: int = 10,
+        frame_skip: int = 20,
         render_mode: str | None = None,
     ) -> None:
         if task not in tasks.TASKS:
