@@ -77,6 +77,7 @@ class Server:
                          "max_batch_seen": 0, "busy_s": 0.0, "backend_s": 0.0,
                          "backend_cpu_s": 0.0}  # fmt: skip
         self._loop_clock: int | None = None  # CPU-time clock of the loop thread
+        self._loop_cpu_at_start = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -141,10 +142,13 @@ class Server:
 
     def _loop_cpu_s(self) -> float:
         """CPU time the loop thread has used: immune to other processes taking the cores."""
-        return 0.0 if self._loop_clock is None else time.clock_gettime(self._loop_clock)
+        if self._loop_clock is None:
+            return 0.0
+        return time.clock_gettime(self._loop_clock) - self._loop_cpu_at_start
 
     def run(self) -> None:
         self._loop_clock = time.pthread_getcpuclockid(threading.get_ident())
+        self._loop_cpu_at_start = time.clock_gettime(self._loop_clock)
         if self._socket is None:
             self.bind()
         sock = self._socket

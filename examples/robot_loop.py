@@ -93,9 +93,10 @@ def split(total: int, parts: int) -> list[int]:
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     latencies = np.array([ms for r in results for ms in r["latencies_ms"]], dtype=np.float64)
     decisions = int(latencies.size)
+    judged = [r["success"] for r in results if r["success"] is not None]
     wall = max(r["end"] for r in results) - min(r["start"] for r in results) if results else 0.0
     return {
-        "success_rate": float(np.mean([r["success"] for r in results])) if results else 0.0,
+        "success_rate": float(np.mean(judged)) if judged else None,
         "episodes": len(results),
         "decisions": decisions,
         "p50_ms": float(np.percentile(latencies, 50)) if decisions else None,
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "episode":
                 results.append(payload)
                 bar.update(1)
-                outcome = "success" if payload["success"] else "FAILED"
+                outcome = {True: "success", False: "FAILED", None: "ended"}[payload["success"]]
                 bar.write(f"robot {index}  episode {len(results):3d}  {outcome:7s}  "
                           f"{payload['decisions']:3d} decisions  "
                           f"median {np.median(payload['latencies_ms']):6.2f} ms  "
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
     p50 = summary["p50_ms"] or float("nan")
     p99 = summary["p99_ms"] or float("nan")
-    print(f"success rate {summary['success_rate']:.0%} over {summary['episodes']} episodes · "
+    rate = summary["success_rate"]
+    rate_text = "n/a (env reports no success)" if rate is None else f"{rate:.0%}"
+    print(f"success rate {rate_text} over {summary['episodes']} episodes · "
           f"{summary['decisions']} decisions · latency p50 {p50:.2f} ms, p99 {p99:.2f} ms · "
           f"{summary['decisions_per_s']:.1f} decisions/s", flush=True)  # fmt: skip
     if args.json:
