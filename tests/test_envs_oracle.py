@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import envs
@@ -37,3 +38,20 @@ def test_evaluate_cli_prints_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["tabletop/Push-v0"]["episodes"] == 2
     assert out["tabletop/Push-v0"]["success_rate"] == 1.0
+
+
+@pytest.mark.timeout(120)
+def test_contact_sheet_png(tmp_path):
+    from PIL import Image
+
+    from envs import contact_sheet
+
+    out = tmp_path / "sheet.png"
+    args = ["--out", str(out), "--env", "tabletop/PickPlace-v0", "--env", "tabletop/Push-v0",
+            "--size", "48", "--tile", "64", "--max-cols", "4"]  # fmt: skip
+    assert contact_sheet.main(args) == 0
+    image = Image.open(out)
+    assert image.format == "PNG" and image.width > 4 * 64 and image.height > 2 * 64
+    pixels = np.asarray(image.convert("RGB"))
+    assert pixels.std() > 20  # frames and captions were drawn
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically
