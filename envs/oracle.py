@@ -16,6 +16,7 @@ import numpy as np
 from envs import skills, tasks
 
 ABOVE_TOL = 0.012
+REQUIRED_KEYS = frozenset({"ee", "gripper", "held", "objects", "goal"})
 
 
 @dataclass
@@ -30,6 +31,7 @@ class OracleDecision:
 
 def decide(privileged: Mapping[str, Any], options: Sequence[str]) -> OracleDecision:
     """Pick the next skill from `options` (or just the action when `options` is empty)."""
+    _check(privileged)
     skill, rationale = next_skill(privileged)
     action, _ = skills.skill_action(skills.parse_skill(skill), privileged)
     if not options:
@@ -41,6 +43,19 @@ def decide(privileged: Mapping[str, Any], options: Sequence[str]) -> OracleDecis
         )
     return OracleDecision(menu.index(skill), options[menu.index(skill)], rationale,
                           action.astype(np.float32))  # fmt: skip
+
+
+def _check(priv: Mapping[str, Any]) -> None:
+    """Clear errors for a malformed `sim` dict instead of a KeyError deep inside."""
+    if not isinstance(priv, Mapping):
+        raise ValueError(f"privileged state must be a dict, got {type(priv).__name__}")
+    missing = REQUIRED_KEYS - set(priv)
+    if missing:
+        raise ValueError(f"privileged state lacks {sorted(missing)} (is it from a tabletop env?)")
+    names = set(priv["objects"])
+    unknown = {n for pair in priv["goal"]["pairs"] for n in pair} - names
+    if unknown:
+        raise ValueError(f"goal names objects {sorted(unknown)} not in the scene {sorted(names)}")
 
 
 def next_skill(priv: Mapping[str, Any]) -> tuple[str, str]:

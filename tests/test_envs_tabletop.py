@@ -96,6 +96,8 @@ def test_oracle_is_pure_and_gives_a_low_level_action():
     assert low_level.skill_index == -1 and low_level.skill == first.skill
     with pytest.raises(ValueError, match="not among the options"):
         oracle.decide(priv, ["lift"])
+    with pytest.raises(ValueError, match="lacks"):
+        oracle.decide({"ee": [0, 0, 0]}, [])
 
 
 def test_unknown_skill_is_a_clear_error():
