@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -105,3 +106,14 @@ def test_unknown_skill_is_a_clear_error():
     env.reset(seed=0)
     with pytest.raises(ValueError, match="unknown skill"):
         env.unwrapped.execute_skill("dance")
+
+
+def test_readme_environments_snippet_runs():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Environments", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                          timeout=90, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("success: True")
+    assert "grasp - " in proc.stdout
