@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 
+import zmq
+
 from agent.backends import BackendError, load_backend
 from agent.envspec import describe_env
 from agent.server import Server, ServerConfig
@@ -47,7 +49,12 @@ def serve(args: argparse.Namespace) -> int:
         print("agent serve: --openpi-port cannot be combined with --curve", file=sys.stderr)
         return 2
     server = Server(backend, config, env)
-    endpoint = server.bind()
+    try:
+        endpoint = server.bind()
+    except (zmq.ZMQError, OSError, ValueError) as exc:
+        server.close()
+        print(f"agent serve: cannot listen on {args.bind}: {exc}", file=sys.stderr)
+        return 2
     gateway = None
     if args.openpi_port is not None:
         from agent.openpi_gateway import OpenpiGateway

@@ -88,9 +88,13 @@ class Server:
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.SNDHWM, 10_000)
-        if self.config.curve_dir is not None:
-            self._enable_curve(sock, Path(self.config.curve_dir))
-        sock.bind(self.config.bind)
+        try:
+            if self.config.curve_dir is not None:
+                self._enable_curve(sock, Path(self.config.curve_dir))
+            sock.bind(self.config.bind)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
@@ -111,6 +115,16 @@ class Server:
     def stop(self) -> None:
         """Ask the loop to finish in-flight work and shut down (thread- and signal-safe)."""
         self._stop.set()
+
+    def close(self) -> None:
+        """Release everything of a server whose `run()` never started (e.g. bind failed)."""
+        if self.writer is not None:
+            self.writer.close()
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._context.term()
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -135,6 +149,7 @@ class Server:
             "backend_ms_per_batch": 1e3 * c["backend_s"] / max(1, c["batches"]),
             "open_episodes": len(self.episodes), "closed_episodes": self.episodes.closed,
             "recorded_episodes": len(self.writer.written) if self.writer else 0,
+            "record_failures": self.writer.failures if self.writer else 0,
             "uptime_s": time.monotonic() - self._started, "backend": self.backend.stats(),
         }  # fmt: skip
 

@@ -46,3 +46,19 @@ def test_soak_32_robots_nothing_lost_or_mismatched_memory_flat():
     assert result["lost"] == 0 and result["mismatched"] == 0
     assert result["received"] == result["sent"] > 32 * 10
     assert result["rss_growth_mb"] < 25, result
+
+
+@pytest.mark.timeout(120)
+def test_serve_explains_a_busy_port_and_an_unknown_env():
+    port = free_port()
+    first = serve_subprocess(port, "--env", "Pusher-v5")
+    try:
+        wait_ready(f"tcp://127.0.0.1:{port}")
+        second = serve_subprocess(port, "--env", "Pusher-v5")
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode == 2 and "cannot listen" in out and "in use" in out
+    finally:
+        stop_process(first, signal.SIGTERM)
+    unknown = serve_subprocess(free_port(), "--env", "Nope-v9")
+    out, _ = unknown.communicate(timeout=60)
+    assert unknown.returncode == 2 and "cannot make env 'Nope-v9'" in out
