@@ -197,3 +197,33 @@ def test_a_retried_step_replaces_itself_and_keeps_rewards_in_place(tmp_path):
     (episode,) = list(iter_episodes(tmp_path))
     assert episode.column("step") == [0, 1]
     np.testing.assert_array_equal(episode.rewards(), [1.0, 2.0])
+
+
+class Reloading(Backend):
+    """Has newer weights on every reload; the version shows in decisions and the handshake."""
+
+    name = "reloading"
+
+    def __init__(self, env, model=None):
+        super().__init__(env, model)
+        self.version = 0
+
+    @property
+    def model_version(self):
+        return str(self.version)
+
+    def reload(self, model=None):
+        self.version += 1
+        return True
+
+    def decide(self, batch):
+        return [Decision(action=np.zeros(4, np.float32)) for _ in batch]
+
+
+def test_server_asks_the_backend_for_new_weights_periodically():
+    with running_server(Reloading(TEST_ENV), reload_every_s=0.05) as server, \
+            AgentClient(server.endpoint, timeout_ms=5000) as client:  # fmt: skip
+        first = int(client.decide(episode_id="r", step=0).model_version)
+        time.sleep(0.8)
+        later = int(client.decide(episode_id="r", step=1).model_version)
+    assert later > first
