@@ -159,7 +159,6 @@ class EpisodeWriter:
         self._remove_stale_tmp()
         self._extra = dict(extra_metadata or {})
         self._queue: queue.Queue[tuple[EpisodeBuffer, EpisodeEnd] | None] = queue.Queue()
-        self._names: set[str] = set()
         self.written: list[Path] = []
         self.failures = 0
         self._thread = threading.Thread(target=self._run, name="episode-writer", daemon=True)
@@ -175,10 +174,10 @@ class EpisodeWriter:
             self._queue.put((buf, end))
 
     def _path_for(self, episode_id: str) -> Path:
+        """A free file name (only this thread creates files here, so checking is enough)."""
         name, n = f"{episode_id}.parquet", 1
-        while name in self._names or (self.directory / name).exists():
+        while (self.directory / name).exists():
             name, n = f"{episode_id}.{n}.parquet", n + 1
-        self._names.add(name)
         return self.directory / name
 
     def _run(self) -> None:
