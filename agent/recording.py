@@ -159,7 +159,7 @@ class EpisodeWriter:
         self._remove_stale_tmp()
         self._extra = dict(extra_metadata or {})
         self._queue: queue.Queue[tuple[EpisodeBuffer, EpisodeEnd] | None] = queue.Queue()
-        self.written: list[Path] = []
+        self.written = 0  # episodes written so far
         self.failures = 0
         self._thread = threading.Thread(target=self._run, name="episode-writer", daemon=True)
         self._thread.start()
@@ -186,7 +186,7 @@ class EpisodeWriter:
             try:
                 path = self._path_for(buf.episode_id)
                 write_atomically(episode_table(buf, end, self._extra), path)
-                self.written.append(path)
+                self.written += 1
             except Exception:
                 self.failures += 1
                 log.exception("could not record episode %s", buf.episode_id)

@@ -148,7 +148,7 @@ class Server:
             "runtime_cpu_us": 1e6 * (self._loop_cpu_s() - c["backend_cpu_s"]) / handled,
             "backend_ms_per_batch": 1e3 * c["backend_s"] / max(1, c["batches"]),
             "open_episodes": len(self.episodes), "closed_episodes": self.episodes.closed,
-            "recorded_episodes": len(self.writer.written) if self.writer else 0,
+            "recorded_episodes": self.writer.written if self.writer else 0,
             "record_failures": self.writer.failures if self.writer else 0,
             "uptime_s": time.monotonic() - self._started, "backend": self.backend.stats(),
         }  # fmt: skip
