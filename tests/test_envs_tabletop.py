@@ -117,3 +117,22 @@ def test_readme_environments_snippet_runs():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("success: True")
     assert "grasp - " in proc.stdout
+
+
+@pytest.mark.parametrize("env_id", sorted(envs.ENV_IDS))
+def test_any_menu_choice_executes_safely(env_id):
+    """A learning policy picks wrong skills: each must run, end and keep the env valid."""
+    env = envs.make_skill_env(env_id, image_size=32)
+    rng = np.random.default_rng(0)
+    obs, info = env.reset(seed=11)
+    for _ in range(12):
+        choice = int(rng.integers(len(info["options"])))
+        obs, reward, terminated, _, info = env.step(choice)
+        assert env.observation_space.contains(obs)
+        assert np.isfinite(reward) and 0 <= info["low_level_steps"] <= 80
+        assert 1 <= len(info["options"]) <= envs.MAX_OPTIONS
+        warnings = env.unwrapped.data.warning
+        assert sum(w.number for w in warnings) == 0, "MuJoCo reported unstable physics"
+        if terminated:
+            obs, info = env.reset(seed=12)
+    env.close()
