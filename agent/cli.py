@@ -46,6 +46,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="decision backend (default: oracle for skill envs, else zero)",
     )
     serve.add_argument("--model", default=None, help="model path or id for the backend")
+    serve.add_argument(
+        "--backend-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend option, repeatable (e.g. temperature=0.6 for cosmos)",
+    )
     serve.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
     serve.add_argument(
         "--record",

@@ -26,6 +26,17 @@ def _report_periodically(server: Server, every_s: float, done: threading.Event) 
                   f"recorded {stats['recorded_episodes']}", flush=True)  # fmt: skip
 
 
+def parse_backend_options(pairs: list[str]) -> dict[str, str]:
+    """`["temperature=0.6", ...]` -> `{"temperature": "0.6"}`; backends convert the values."""
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--backend-opt expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = value
+    return options
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         env = describe_env(args.env)
@@ -34,7 +45,12 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     backend_name = args.backend or ("oracle" if env.info.has_skills else "zero")
     try:
-        backend = load_backend(backend_name, env.info, args.model)
+        options = parse_backend_options(args.backend_opt)
+    except ValueError as exc:
+        print(f"agent serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        backend = load_backend(backend_name, env.info, args.model, **options)
         backend.warmup()
     except BackendError as exc:
         print(f"agent serve: {exc}", file=sys.stderr)

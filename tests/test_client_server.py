@@ -227,3 +227,18 @@ def test_server_asks_the_backend_for_new_weights_periodically():
         time.sleep(0.8)
         later = int(client.decide(episode_id="r", step=1).model_version)
     assert later > first
+
+
+def test_serve_backend_options_are_parsed_and_checked():
+    from agent.backends import BackendError, EnvInfo, load_backend
+    from agent.serve import parse_backend_options
+
+    assert parse_backend_options(["temperature=0.6", "fallback=noop", "x=a=b"]) == {
+        "temperature": "0.6",
+        "fallback": "noop",
+        "x": "a=b",
+    }
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_backend_options(["temperature"])
+    with pytest.raises(BackendError, match="takes no options"):
+        load_backend("zero", EnvInfo("Pusher-v5", action_shape=(7,)), None, temperature="0.6")

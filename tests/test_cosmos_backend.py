@@ -231,7 +231,8 @@ def test_in_process_server_drives_a_simulated_robot_and_records_reasoning(checkp
 def test_agent_serve_cli_with_a_save_pretrained_directory(checkpoints):
     port = free_port()
     proc = serve_subprocess(port, "--env", "tabletop/PickPlace-v0", "--backend", "cosmos",
-                            "--model", str(checkpoints["r1"]))  # fmt: skip
+                            "--model", str(checkpoints["r1"]), "--backend-opt", "retries=0",
+                            "--backend-opt", "fallback=noop")  # fmt: skip
     try:
         metadata = wait_ready(f"tcp://127.0.0.1:{port}", attempts=240)
         assert metadata["backend"] == "cosmos"

@@ -66,6 +66,9 @@ class Backend(abc.ABC):
     name: ClassVar[str]
 
     def __init__(self, env: EnvInfo, model: str | None = None, **options: Any) -> None:
+        """Subclasses with options consume them and pass none on."""
+        if options:
+            raise BackendError(f"the {self.name} backend takes no options, got {sorted(options)}")
         self.env = env
         self.model = model
 
