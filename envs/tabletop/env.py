@@ -30,6 +30,7 @@ EE_HIGH = np.array([0.75, 0.42, 0.4])
 STATE_DIM = 16  # arm qpos (6), arm qvel (6), gripper site xyz (3), gripper opening (1)
 STATE_BOUND = 10.0  # loose finite bound; joint speeds are clipped to it
 SUCCESS_BONUS = 10.0
+MAX_IMAGE = 1024  # the MJCF's offscreen buffer size
 SKILL_TIMEOUT = 80  # low-level steps before a skill gives up
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.:;'-()"
 STATIC_KINDS = ("pad", "bin", "target")
@@ -67,6 +68,10 @@ class TabletopEnv(gym.Env):
         self.height, self.width = (
             (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         )
+        if not (1 <= self.height <= MAX_IMAGE and 1 <= self.width <= MAX_IMAGE):
+            raise ValueError(f"image_size must be within 1..{MAX_IMAGE}, got {image_size!r}")
+        if frame_skip < 1:
+            raise ValueError(f"frame_skip must be >= 1, got {frame_skip}")
         self.cameras = (("image", "scene"), ("wrist_image", "wrist"))[: 1 + wrist_camera]
         self.images = images
         self.frame_skip = frame_skip
@@ -84,6 +89,9 @@ class TabletopEnv(gym.Env):
         self._labels: dict[str, str] = {}
         self._pairs: list[list[str]] = []
         self.instruction = ""
+        mujoco.mj_forward(self.model, self.data)
+        self._priv = self.privileged_state()  # replaced by every reset
+        self._success = False
 
         obs: dict[str, spaces.Space] = {}
         if images:
