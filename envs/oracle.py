@@ -74,8 +74,9 @@ def next_skill(priv: Mapping[str, Any]) -> tuple[str, str]:
 
 def _pick_place_step(priv: Mapping[str, Any], obj: str, dest: str) -> tuple[str, str]:
     held, ee = priv["held"], np.asarray(priv["ee"], dtype=float)
-    if held and held != obj:
-        return skills.OPEN, f"The gripper holds the {held} instead of the {obj}, so let go of it."
+    blockers = tasks.cubes_above(priv, obj) + tasks.occupants(priv, dest, obj)
+    if held and (held != obj or blockers):
+        return skills.PLACE_ON_TABLE, f"The {held} is in the way, so set it down on a free spot."
     if held:
         dest_xy = np.asarray(priv["objects"][dest]["pos"], dtype=float)[:2]
         far = np.linalg.norm(dest_xy - ee[:2]) > ABOVE_TOL
@@ -87,12 +88,15 @@ def _pick_place_step(priv: Mapping[str, Any], obj: str, dest: str) -> tuple[str,
             skills.OPEN,
             f"The gripper is closed on nothing, so open it before going for the {obj}.",
         )
-    obj_xy = np.asarray(priv["objects"][obj]["pos"], dtype=float)[:2]
-    if np.linalg.norm(obj_xy - ee[:2]) < ABOVE_TOL:
-        return skills.GRASP, f"The gripper is right above the {obj}, so grasp it."
+    target = blockers[0] if blockers else obj
+    why = (f"the {target} is in the way of the {obj}" if blockers
+           else f"the {obj} still has to go to the {dest}")  # fmt: skip
+    target_xy = np.asarray(priv["objects"][target]["pos"], dtype=float)[:2]
+    if np.linalg.norm(target_xy - ee[:2]) < ABOVE_TOL:
+        return skills.GRASP, f"The gripper is right above the {target} and {why}, so grasp it."
     return (
-        f"move above the {obj}",
-        f"The {obj} still has to go to the {dest}, so move above it first.",
+        f"move above the {target}",
+        f"{why[0].upper()}{why[1:]}, so move above the {target} first.",
     )
 
 

@@ -16,6 +16,9 @@ import numpy as np
 
 from envs.tabletop.scene import BIN_FLOOR
 
+WORKSPACE_X = (0.33, 0.62)  # where objects start; also where cubes are set down
+WORKSPACE_Y = (-0.24, 0.24)
+
 MAX_OPTIONS = 8
 MAX_DELTA = 0.05  # metres of end-effector motion per unit low-level action
 HOVER_Z = 0.15  # travel height of the gripper site above the table
@@ -25,7 +28,12 @@ OPEN_WIDTH = 0.08  # gripper opening counted as "open"
 BEHIND_GAP = 0.035  # clearance between the gripper and a block before a push
 PUSH_SPEED = 0.3  # fraction of MAX_DELTA per step while pushing
 
+_SPOTS = np.stack(np.meshgrid(np.linspace(*WORKSPACE_X, 10), np.linspace(*WORKSPACE_Y, 17)),
+                  axis=-1).reshape(-1, 2)  # fmt: skip
+
 GRASP, LIFT, OPEN = "grasp", "lift", "open the gripper"
+TABLE = "table"
+PLACE_ON_TABLE = "place on the table"  # set the held cube down on a free spot
 _PATTERNS = {
     "move_above": re.compile(r"move above the (\w+ \w+)"),
     "place": re.compile(r"place (?:on|in) the (\w+ \w+)"),
@@ -52,6 +60,8 @@ def parse_skill(text: str) -> Skill:
         return Skill(text)
     if text == OPEN:
         return Skill("open")
+    if text == PLACE_ON_TABLE:
+        return Skill("place", TABLE)
     for verb, pattern in _PATTERNS.items():
         m = pattern.fullmatch(text)
         if m is None:
@@ -83,7 +93,7 @@ def options(priv: Mapping[str, Any]) -> list[str]:
         return [*menu, LIFT][:MAX_OPTIONS]
     if held:
         dests = names["pad"] + names["bin"] + [c for c in names["cube"] if c != held]
-        return [LIFT, *(place_sentence(d) for d in dests), OPEN][:MAX_OPTIONS]
+        return [LIFT, *(place_sentence(d) for d in dests), PLACE_ON_TABLE, OPEN][:MAX_OPTIONS]
     return [*(f"move above the {c}" for c in names["cube"]), GRASP, OPEN][:MAX_OPTIONS]
 
 
@@ -168,13 +178,18 @@ def _grasp(ee: np.ndarray, held: str, width: float,
     if held:
         return _toward(ee, ee, -1.0), True
     graspable = [o for o in objects.values() if o["kind"] == "cube"]
-    obj = min(graspable, key=lambda o: float(np.linalg.norm(np.asarray(o["pos"])[:2] - ee[:2])))
+    # The cube under the gripper; in a stack only the top one can be taken.
+    obj = min(graspable, key=lambda o: (round(_xy_dist(o, ee) / 0.03), -float(o["pos"][2])))
     pos = np.asarray(obj["pos"], dtype=float)
-    low = abs(ee[2] - pos[2]) < REACH_TOL
-    if not low:  # descend open, correcting xy on the way
-        return _toward(ee, pos, 1.0), False
+    low = abs(ee[2] - pos[2]) < REACH_TOL and float(np.linalg.norm(pos[:2] - ee[:2])) < 0.015
+    if not low:  # open, over the cube via the hover height, then straight down
+        return _travel(ee, pos[:2], pos[2], 1.0)[0], False
     closed_empty = width < 2 * float(obj["half"]) - 0.006
     return _toward(ee, pos, -1.0), closed_empty
+
+
+def _xy_dist(obj: Mapping[str, Any], ee: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(obj["pos"], dtype=float)[:2] - ee[:2]))
 
 
 def _place(ee: np.ndarray, priv: Mapping[str, Any], dest: str) -> tuple[np.ndarray, bool]:
@@ -184,8 +199,11 @@ def _place(ee: np.ndarray, priv: Mapping[str, Any], dest: str) -> tuple[np.ndarr
             return _toward(ee, ee, 1.0), False
         target = np.array([ee[0], ee[1], HOVER_Z])
         return _toward(ee, target, 1.0), abs(HOVER_Z - ee[2]) < REACH_TOL
-    d, o = objects[dest], objects[held]
-    dpos, half = np.asarray(d["pos"], dtype=float), float(o["half"])
+    o = objects[held]
+    half = float(o["half"])
+    table = {"kind": TABLE, "pos": [*free_spot(priv, held), 0.0]} if dest == TABLE else None
+    d = table or objects[dest]
+    dpos = np.asarray(d["pos"], dtype=float)
     if d["kind"] == "cube":
         rest = dpos[2] + float(d["half"]) + half + 0.004
     elif d["kind"] == "bin":
@@ -197,6 +215,15 @@ def _place(ee: np.ndarray, priv: Mapping[str, Any], dest: str) -> tuple[np.ndarr
     if arrived:
         action[3] = 1.0
     return action, False
+
+
+def free_spot(priv: Mapping[str, Any], held: str) -> np.ndarray:
+    """The workspace point with the most room around it (xy), ignoring the held cube."""
+    others = [o for name, o in priv["objects"].items() if name != held]
+    centres = np.array([np.asarray(o["pos"], dtype=float)[:2] for o in others])
+    radii = np.array([float(o["half"]) * 1.42 for o in others])
+    gap = np.linalg.norm(_SPOTS[:, None, :] - centres[None], axis=-1) - radii[None]
+    return _SPOTS[int(np.argmax(gap.min(axis=1)))]
 
 
 def _push(ee: np.ndarray, priv: Mapping[str, Any], block: str,

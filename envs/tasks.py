@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from envs.skills import WORKSPACE_X, WORKSPACE_Y
 from envs.tabletop.scene import (
     BIN_FLOOR,
     BIN_HALF,
@@ -34,8 +35,6 @@ COLORS: dict[str, tuple[float, float, float]] = {
 }
 HALF_SIZE = {"cube": CUBE_HALF, "block": BLOCK_HALF, "pad": PAD_HALF, "bin": BIN_HALF + 0.005,
              "target": TARGET_RADIUS}  # fmt: skip
-WORKSPACE_X = (0.33, 0.62)
-WORKSPACE_Y = (-0.24, 0.24)
 PUSH_TOLERANCE = 0.03
 REACH = 0.62  # horizontal reach of the gripper at push height, from the arm base
 
@@ -186,6 +185,31 @@ def placed(priv: Mapping[str, Any], obj: str, dest: str) -> bool:
     if kind == "target":
         return math.hypot(ex, ey) < PUSH_TOLERANCE
     raise ValueError(f"unknown destination kind {kind!r}")
+
+
+def cubes_above(priv: Mapping[str, Any], name: str) -> list[str]:
+    """Cubes stacked on top of object `name`, topmost first."""
+    objects = priv["objects"]
+    x, y, z = objects[name]["pos"]
+    above = [(c, o["pos"][2]) for c, o in objects.items() if o["kind"] == "cube" and c != name
+             and math.hypot(o["pos"][0] - x, o["pos"][1] - y) < 0.03 and o["pos"][2] > z + 0.01]  # fmt: skip
+    return [c for c, _ in sorted(above, key=lambda item: -item[1])]
+
+
+def occupants(priv: Mapping[str, Any], dest: str, obj: str) -> list[str]:
+    """Cubes other than `obj` that are in the way at destination `dest`, topmost first."""
+    objects = priv["objects"]
+    if objects[dest]["kind"] == "cube":
+        return cubes_above(priv, dest)
+    if objects[dest]["kind"] not in ("pad", "bin"):
+        return []
+    x, y, _ = objects[dest]["pos"]
+    reach = HALF_SIZE[objects[dest]["kind"]] + CUBE_HALF
+    welcome = {o for o, d in priv["goal"]["pairs"] if d == dest and placed(priv, o, dest)}
+    inside = [(c, o["pos"][2]) for c, o in objects.items()
+              if o["kind"] == "cube" and c != obj and c not in welcome
+              and max(abs(o["pos"][0] - x), abs(o["pos"][1] - y)) < reach]  # fmt: skip
+    return [c for c, _ in sorted(inside, key=lambda item: -item[1])]
 
 
 def pending(priv: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import envs
-from envs import evaluate
+from envs import evaluate, oracle
 
 SEEDS = 20  # CI subset; `python -m envs.evaluate --seeds 100` is the full >= 95% check
 
@@ -55,3 +55,25 @@ def test_contact_sheet_png(tmp_path):
     pixels = np.asarray(image.convert("RGB"))
     assert pixels.std() > 20  # frames and captions were drawn
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("env_id", sorted(envs.ENV_IDS))
+def test_oracle_recovers_after_wrong_skills(env_id):
+    """The oracle is stateless: after a student's random choices it still finishes the task
+    (clearing cubes that ended up in the way onto a free spot of the table)."""
+    env = envs.make_skill_env(env_id, images=False)
+    successes = 0
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        _, info = env.reset(seed=seed)
+        for _ in range(3):
+            *_, info = env.step(int(rng.integers(len(info["options"]))))
+        for _ in range(30):
+            if info["is_success"]:
+                break
+            decision = oracle.decide(env.privileged_state(), info["options"])
+            _, _, _, _, info = env.step(decision.skill_index)
+        successes += info["is_success"]
+    assert successes >= 4, f"{successes}/5 recovered"
