@@ -28,6 +28,10 @@ class ArmIK:
         self.site = model.site("ee").id
         self.dofs = np.array([model.joint(j).dofadr[0] for j in ARM_JOINTS])
         self.qadr = np.array([model.joint(j).qposadr[0] for j in ARM_JOINTS])
+        # The arm's dofs are contiguous (first in the tree): slices avoid fancy-index copies.
+        if not np.array_equal(self.dofs, np.arange(self.dofs[0], self.dofs[0] + 6)):
+            raise ValueError("the arm joints must be consecutive single-dof joints")
+        self._dof_slice = slice(int(self.dofs[0]), int(self.dofs[0]) + 6)
         self._jacp = np.zeros((3, model.nv))
         self._jacr = np.zeros((3, model.nv))
         self._jac = np.zeros((6, 6))
@@ -39,16 +43,16 @@ class ArmIK:
     def joint_targets(self, data: mujoco.MjData, target: np.ndarray) -> np.ndarray:
         """Joint positions one DLS step closer to `target` with the hand pointing down."""
         mujoco.mj_jacSite(self.model, data, self._jacp, self._jacr, self.site)
-        self._jac[:3] = self._jacp[:, self.dofs]
-        self._jac[3:] = self._jacr[:, self.dofs]
-        rot = data.site_xmat[self.site].reshape(3, 3)
-        self._err[:3] = target - data.site_xpos[self.site]
-        # Orientation error towards the identity (hand frame = world frame).
-        self._err[3:] = ORIENTATION_GAIN * np.array(
-            [rot[1, 2] - rot[2, 1], rot[2, 0] - rot[0, 2], rot[0, 1] - rot[1, 0]]
-        )
-        jac = self._jac
-        dq = jac.T @ np.linalg.solve(jac @ jac.T + self._damp, self._err)
+        jac, err = self._jac, self._err
+        jac[:3] = self._jacp[:, self._dof_slice]
+        jac[3:] = self._jacr[:, self._dof_slice]
+        np.subtract(target, data.site_xpos[self.site], out=err[:3])
+        # Orientation error towards the identity (hand frame = world frame); xmat is row-major.
+        m = data.site_xmat[self.site]
+        err[3] = ORIENTATION_GAIN * (m[5] - m[7])
+        err[4] = ORIENTATION_GAIN * (m[6] - m[2])
+        err[5] = ORIENTATION_GAIN * (m[1] - m[3])
+        dq = jac.T @ np.linalg.solve(jac @ jac.T + self._damp, err)
         return np.clip(data.qpos[self.qadr] + dq, self.low, self.high)
 
     def solve(self, data: mujoco.MjData, target: np.ndarray, iters: int = 200) -> np.ndarray:
