@@ -188,6 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object per row")
     p.add_argument("--netem", action="store_true", help="cap the trainers' network (tbf)")
     p.add_argument("--rate", default="100mbit", help="--netem bandwidth cap")
+    p.add_argument("--algos", default=",".join(ALGOS), help="comma-separated subset to run")
     p.add_argument("--trainers", help="comma-separated trainer counts (default 1,2,4; quick 1,2)")
     p.add_argument("--examples", type=int, help="examples per trainer")
     p.add_argument("--held-out", type=int, help="held-out examples for NE")
@@ -209,6 +210,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.trainer_counts = sorted({int(t) for t in str(args.trainers).split(",")})
+    args.algo_list = [a for a in ALGOS if a in args.algos.split(",")]
+    unknown = set(args.algos.split(",")) - set(ALGOS)
+    if unknown or not args.algo_list:
+        p.error(f"unknown algorithms {sorted(unknown)}; choose from {', '.join(ALGOS)}")
     if min(args.trainer_counts) < 1 or args.examples < 1 or args.repeats < 1:
         p.error("trainers, examples and repeats must be positive")
     return args
@@ -221,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         prefix = stack.enter_context(network_namespace(args.rate)) if args.netem else []
         for trainers in args.trainer_counts:
-            algos = ALGOS if trainers > 1 else ["none"]  # one trainer has nothing to sync
+            # One trainer has nothing to synchronise: only the no-sync baseline runs.
+            algos = args.algo_list if trainers > 1 else ["none"]
             log(f"[shadowsync_ctr] {trainers} trainer(s): {len(algos)} algorithm(s) "
                 f"x {args.repeats}{' (netem ' + args.rate + ')' if args.netem else ''}")  # fmt: skip
             records = launch(trainers, plan(algos, args.repeats), args, prefix)
