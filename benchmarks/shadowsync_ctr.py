@@ -176,9 +176,10 @@ def table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         gap = "-" if r["sync_gap"] is None else f"{r['sync_gap']:.1f}"
-        lines.append(f"{r['algo']:<9} {r['trainers']:>8} {r['eps']:>9.0f} "
-                     f"{r.get('eps_vs_none', float('nan')):>8.2f} {r['ne']:>8.4f} "
-                     f"{r.get('ne_vs_sync_sgd', float('nan')):>+8.2%} {gap:>7}")  # fmt: skip
+        vs_none = f"{r['eps_vs_none']:.2f}" if "eps_vs_none" in r else "-"
+        vs_sync = f"{r['ne_vs_sync_sgd']:+.2%}" if "ne_vs_sync_sgd" in r else "-"
+        lines.append(f"{r['algo']:<9} {r['trainers']:>8} {r['eps']:>9.0f} {vs_none:>8} "
+                     f"{r['ne']:>8.4f} {vs_sync:>8} {gap:>7}")  # fmt: skip
     return "\n".join(lines)
 
 

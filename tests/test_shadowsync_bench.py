@@ -19,6 +19,25 @@ def test_plan_rotates_the_order():
     assert bench.plan(["a", "b", "c"], 2) == ["a", "b", "c", "b", "c", "a"]
 
 
+def test_rows_aggregate_ranks_and_repeats():
+    def run(algo, examples, seconds, ne, gap):
+        stats = None if gap is None else {"sync_gap": gap, "comm_seconds": 0.5}
+        return {"algo": algo, "examples": examples, "seconds": seconds, "ne": ne,
+                "curve": [[1.0, ne]], "stats": stats}  # fmt: skip
+
+    rank0 = {"runs": [run("none", 100, 1.0, 0.9, None), run("s-ma", 100, 1.0, 0.8, 4.0),
+                      run("s-ma", 100, 2.0, 0.6, 2.0)]}  # fmt: skip
+    rank1 = {"runs": [run("none", 100, 2.0, None, None), run("s-ma", 100, 1.0, None, 2.0),
+                      run("s-ma", 100, 1.0, None, 2.0)]}  # fmt: skip
+    rows, curves = bench.rows_for(2, [rank0, rank1], netem=False)
+    none, ma = rows
+    assert none["eps"] == 100.0 and none["sync_gap"] is None  # 200 examples / slowest 2 s
+    assert ma["eps"] == 200.0  # best repeat: 200 examples in 1 s
+    assert ma["ne"] == pytest.approx(0.7) and ma["sync_gap"] == 2.5 and ma["repeats"] == 2
+    assert ma["eps_vs_none"] == 2.0
+    assert curves["s-ma"] == [[1.0, 0.8]]
+
+
 def test_normalised_entropy_of_the_base_rate_is_one():
     from shadowsync_ctr_worker import CTRConfig, GroundTruth, normalised_entropy
 
