@@ -54,10 +54,27 @@ def replicate(params: Sequence[torch.Tensor], name: str, root: int = 0) -> torch
     return flat
 
 
+def agree_on_start(
+    params: Sequence[torch.Tensor], name: str, n: int, broadcast: bool
+) -> torch.Tensor:
+    """The shared starting point for a rule's state, identical on every rank.
+
+    With `broadcast`, every replica becomes rank 0's and that is the start;
+    otherwise the replicas stay as they are and the rule starts from their mean.
+    """
+    if broadcast:
+        return replicate(params, name)
+    return mean_replica(params, name, n)
+
+
+def mean_replica(params: Sequence[torch.Tensor], name: str, n: int) -> torch.Tensor:
+    """The mean of all replicas as a flat vector (blocking; the replicas are untouched)."""
+    return comm.allreduce_sum(flatten(params), name=name) / n
+
+
 def average(params: Sequence[torch.Tensor], name: str, n: int) -> None:
     """Blocking consensus: every replica becomes the mean of all replicas."""
-    total = comm.allreduce_sum(flatten(params), name=name)
-    copy_flat_(params, total / n)
+    copy_flat_(params, mean_replica(params, name, n))
 
 
 def parameters_of(model: torch.nn.Module | Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from shadowsync import comm
-from shadowsync.exchange import average, parameters_of, replicate, run_round
-from shadowsync.flat import flatten
+from shadowsync.exchange import agree_on_start, average, parameters_of, run_round
 from shadowsync.rules import make_rule
 from shadowsync.stats import SyncStats
 
@@ -49,8 +48,8 @@ class ForegroundSync:
 
     def start(self) -> ForegroundSync:
         self._size = comm.world_size()
-        start_w = replicate(self.params, f"{self.name}.init") if self.broadcast else None
-        self.rule.start(flatten(self.params) if start_w is None else start_w, self._size)
+        start = agree_on_start(self.params, f"{self.name}.init", self._size, self.broadcast)
+        self.rule.start(start, self._size)
         return self
 
     def step(self, stop: bool = False) -> bool:

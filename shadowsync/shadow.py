@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from shadowsync import comm
-from shadowsync.exchange import average, parameters_of, replicate, run_round
-from shadowsync.flat import flatten
+from shadowsync.exchange import agree_on_start, average, parameters_of, run_round
 from shadowsync.rules import make_rule
 from shadowsync.stats import SyncStats
 
@@ -31,7 +30,10 @@ class ShadowSync:
 
     `algorithm` is "ma", "easgd" or "bmuf"; `options` go to the rule (e.g.
     `alpha=0.1` for easgd, `block_momentum=0.875, nesterov=True` for bmuf). `interval` is the
-    least time between round starts (0: back to back, as in the paper). `name`
+    least time between round starts (0: back to back, as in the paper);
+    `min_iterations` holds a round until local workers have `tick`ed that
+    many iterations since the previous one, so idle rounds neither waste
+    bandwidth nor replay BMUF's block momentum on unchanged weights. `name`
     prefixes every collective this object issues; give each ShadowSync alive
     at the same time its own name. On exit the shadow threads of all ranks stop
     on the same round and, with `final_average`, the replicas are averaged so
@@ -48,10 +50,11 @@ class ShadowSync:
         broadcast: bool = True,
         final_average: bool = True,
         poll_interval: float = 0.001,
+        min_iterations: int = 0,
         **options: Any,
     ) -> None:
-        if interval < 0 or poll_interval <= 0:
-            raise ValueError("interval must be >= 0 and poll_interval > 0")
+        if interval < 0 or poll_interval <= 0 or min_iterations < 0:
+            raise ValueError("need interval >= 0, poll_interval > 0 and min_iterations >= 0")
         self.params = parameters_of(model)
         self.rule = make_rule(algorithm, **options)
         self.name = name
@@ -59,6 +62,7 @@ class ShadowSync:
         self.broadcast = broadcast
         self.final_average = final_average
         self.poll_interval = poll_interval
+        self.min_iterations = min_iterations
         self._stats = SyncStats(algorithm=algorithm)
         self._size = 0
         self._lock = threading.Lock()
@@ -73,10 +77,8 @@ class ShadowSync:
         if self._thread is not None:
             raise RuntimeError("ShadowSync already started")
         self._size = comm.world_size()
-        if self.broadcast:
-            self.rule.start(replicate(self.params, f"{self.name}.init"), self._size)
-        else:
-            self.rule.start(flatten(self.params), self._size)
+        start = agree_on_start(self.params, f"{self.name}.init", self._size, self.broadcast)
+        self.rule.start(start, self._size)
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-shadow", daemon=True)
         self._thread.start()
         return self
@@ -126,6 +128,8 @@ class ShadowSync:
         try:
             while True:
                 started = time.perf_counter()
+                with self._lock:
+                    iterations_at_round = self._stats.worker_iterations
                 result = run_round(
                     self.params, self.rule, f"{self.name}.round", self._size,
                     stop=self._stop.is_set(), poll_interval=self.poll_interval,
@@ -140,5 +144,18 @@ class ShadowSync:
                 rest = self.interval - (time.perf_counter() - started)
                 if rest > 0:
                     self._stop.wait(rest)
+                self._wait_for_progress(iterations_at_round + self.min_iterations)
         except BaseException as exc:  # surfaced by stop() in the caller's thread
             self._error = exc
+
+    def _wait_for_progress(self, target: int) -> None:
+        """Hold the next round until local workers reach `target` iterations (or stop is asked).
+
+        Other ranks' rounds simply wait in their allreduce meanwhile; their
+        workers keep training.
+        """
+        while not self._stop.is_set():
+            with self._lock:
+                if self._stats.worker_iterations >= target:
+                    return
+            self._stop.wait(self.poll_interval)

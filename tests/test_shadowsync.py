@@ -66,3 +66,14 @@ def test_ranks_finishing_at_different_times_keep_the_average(records):
     assert late["still_running_late"] is False
     assert early["after_sync"] == late["after_sync"] == [1.5, 1.5]
     assert early["final"] == late["final"] == [2.0, 2.0]  # mean of 1.5 and 2.5
+
+
+@pytest.mark.horovod
+def test_min_iterations_holds_rounds_while_workers_idle(records):
+    # bmuf from the mean of replicas 1 and 2: no block progress, so weights stay 1.5.
+    for rec in records:
+        idle = rec["idle"]
+        assert idle["rounds_idle"] == 1  # the first round, then nothing without progress
+        assert idle["rounds_after_tick"] == 2
+        assert idle["rounds"] == 3  # plus the lockstep stop round
+        assert idle["final"] == [1.5, 1.5]

@@ -107,6 +107,24 @@ def uneven_finish() -> dict:
     }
 
 
+def idle_rounds() -> dict:
+    """With min_iterations, rounds wait for local progress: none while workers idle."""
+    value = torch.full((100,), float(hvd.rank() + 1))
+    with ShadowSync([value], "bmuf", name="t.idle", broadcast=False, min_iterations=1) as sync:
+        settle(sync, rounds=1)  # the first round needs no progress
+        time.sleep(0.3)  # no ticks: no further round may run
+        rounds_idle = sync.stats.rounds
+        sync.tick()
+        settle(sync, rounds=1)
+        rounds_after_tick = sync.stats.rounds
+    return {
+        "rounds_idle": rounds_idle,
+        "rounds_after_tick": rounds_after_tick,
+        "rounds": sync.stats.rounds,
+        "final": [value.min().item(), value.max().item()],
+    }
+
+
 def main(out_dir: Path) -> None:
     hvd.init()
     torch.set_num_threads(1)
@@ -119,6 +137,7 @@ def main(out_dir: Path) -> None:
         label = algorithm if kind == "none" else f"{kind[0]}-{algorithm}"
         record["runs"][label] = train(kind, algorithm, data, held_out)
     record["uneven"] = uneven_finish()
+    record["idle"] = idle_rounds()
     (out_dir / f"rank{hvd.rank()}.json").write_text(json.dumps(record))
     hvd.shutdown()
 
