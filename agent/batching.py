@@ -40,12 +40,20 @@ class BatchPolicy:
         """Longest useful wait: the configured window, capped at one backend call."""
         return min(self.timeout_s, call_cost_s)
 
-    def should_flush(self, pending: int, oldest_age_s: float, active_robots: int,
-                     call_cost_s: float = UNKNOWN_COST) -> bool:  # fmt: skip
+    def should_flush(
+        self,
+        pending: int,
+        oldest_age_s: float,
+        active_robots: int,
+        call_cost_s: float = UNKNOWN_COST,
+    ) -> bool:
         if pending == 0:
             return False
-        return (pending >= self.max_batch or pending >= active_robots
-                or oldest_age_s >= self.window_s(call_cost_s))  # fmt: skip
+        return (
+            pending >= self.max_batch
+            or pending >= active_robots
+            or oldest_age_s >= self.window_s(call_cost_s)
+        )
 
     def wait_s(self, oldest_age_s: float, call_cost_s: float = UNKNOWN_COST) -> float:
         """How long more requests may still be awaited for the current batch."""

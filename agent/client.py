@@ -63,9 +63,16 @@ def default_robot_id() -> str:
 class AgentClient:
     """Talks to `agent serve`. One instance per thread; see the module docstring."""
 
-    def __init__(self, endpoint: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS,
-                 robot_id: str | None = None, retries: int = 0,
-                 curve: CurveKeys | None = None, context: zmq.Context | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        robot_id: str | None = None,
+        retries: int = 0,
+        curve: CurveKeys | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout_ms = timeout_ms
         self.robot_id = robot_id or default_robot_id()
@@ -122,8 +129,9 @@ class AgentClient:
             payload = build(request_id)
             limit = (self._metadata or {}).get("max_message_bytes")
             if limit is not None and len(payload) > limit:
-                raise ValueError(f"message of {len(payload)} bytes exceeds the server's "
-                                 f"limit of {limit} bytes")  # fmt: skip
+                raise ValueError(
+                    f"message of {len(payload)} bytes exceeds the server's limit of {limit} bytes"
+                )
             sent = time.perf_counter()
             self._socket.send(payload, copy=len(payload) < 65536)
             try:
@@ -138,8 +146,10 @@ class AgentClient:
             self.reconnect()
             if attempt == self.retries:
                 break
-        raise AgentTimeout(f"no reply from {self.endpoint} within {self.timeout_ms} ms "
-                           f"({self.retries + 1} attempt(s))")  # fmt: skip
+        raise AgentTimeout(
+            f"no reply from {self.endpoint} within {self.timeout_ms} ms "
+            f"({self.retries + 1} attempt(s))"
+        )
 
     def _await(self, request_id: int, sent: float) -> P.Reply | None:
         deadline = sent + self.timeout_ms / 1000.0
@@ -168,30 +178,73 @@ class AgentClient:
     def metadata(self) -> dict[str, Any]:
         return self._metadata if self._metadata is not None else self.hello()
 
-    def decide(self, *, episode_id: str, step: int,
-               images: dict[str, np.ndarray] | None = None, state: np.ndarray | None = None,
-               instruction: str = "", options: list[str] | tuple[str, ...] = (),
-               sim: dict[str, Any] | None = None, reward: float | None = None) -> DecisionReply:  # fmt: skip
+    def decide(
+        self,
+        *,
+        episode_id: str,
+        step: int,
+        images: dict[str, np.ndarray] | None = None,
+        state: np.ndarray | None = None,
+        instruction: str = "",
+        options: list[str] | tuple[str, ...] = (),
+        sim: dict[str, Any] | None = None,
+        reward: float | None = None,
+    ) -> DecisionReply:
         """Ask for the next decision; `reward` is what the previous decision earned."""
-        reply, latency_ms = self._request(lambda rid: P.encode_decide(
-            rid, self.robot_id, episode_id, step, images=images, state=state,
-            instruction=instruction, options=options, sim=sim, reward=reward))  # fmt: skip
+        reply, latency_ms = self._request(
+            lambda rid: P.encode_decide(
+                rid,
+                self.robot_id,
+                episode_id,
+                step,
+                images=images,
+                state=state,
+                instruction=instruction,
+                options=options,
+                sim=sim,
+                reward=reward,
+            )
+        )
         if reply.type != "decision" or reply.decision is None:
             raise P.ProtocolError(P.BAD_MESSAGE, f"expected a decision reply, got {reply.type!r}")
         if reply.episode_id != episode_id or reply.step != step:
-            raise P.ProtocolError(P.BAD_MESSAGE, f"reply for episode {reply.episode_id} step "
-                                  f"{reply.step}, asked for {episode_id} step {step}")  # fmt: skip
-        return DecisionReply(reply.decision, reply.request_id or 0, episode_id, step,
-                             reply.model_id or "", reply.model_version or "", reply.timing,
-                             latency_ms)  # fmt: skip
+            raise P.ProtocolError(
+                P.BAD_MESSAGE,
+                f"reply for episode {reply.episode_id} step "
+                f"{reply.step}, asked for {episode_id} step {step}",
+            )
+        return DecisionReply(
+            reply.decision,
+            reply.request_id or 0,
+            episode_id,
+            step,
+            reply.model_id or "",
+            reply.model_version or "",
+            reply.timing,
+            latency_ms,
+        )
 
-    def end_episode(self, episode_id: str, *, reward: float | None = None,
-                    terminated: bool = False, truncated: bool = False,
-                    success: bool | None = None) -> dict[str, Any]:  # fmt: skip
+    def end_episode(
+        self,
+        episode_id: str,
+        *,
+        reward: float | None = None,
+        terminated: bool = False,
+        truncated: bool = False,
+        success: bool | None = None,
+    ) -> dict[str, Any]:
         """Tell the server the episode is over so it can record it (with the last reward)."""
-        reply, _ = self._request(lambda rid: P.encode_end(
-            rid, self.robot_id, episode_id, reward=reward, terminated=terminated,
-            truncated=truncated, success=success))  # fmt: skip
+        reply, _ = self._request(
+            lambda rid: P.encode_end(
+                rid,
+                self.robot_id,
+                episode_id,
+                reward=reward,
+                terminated=terminated,
+                truncated=truncated,
+                success=success,
+            )
+        )
         return reply.body
 
     def stats(self) -> dict[str, Any]:

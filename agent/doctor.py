@@ -36,8 +36,17 @@ def horovod_build() -> dict[str, bool]:
 
 def collect() -> dict:
     info: dict = {"python": sys.version.split()[0]}
-    for module in ("numpy", "zmq", "msgpack", "gymnasium", "mujoco", "torch", "transformers",
-                   "onnxruntime", "horovod"):  # fmt: skip
+    for module in (
+        "numpy",
+        "zmq",
+        "msgpack",
+        "gymnasium",
+        "mujoco",
+        "torch",
+        "transformers",
+        "onnxruntime",
+        "horovod",
+    ):
         info[module] = _version(module)
     torch = sys.modules.get("torch")
     info["cuda"] = bool(torch and torch.cuda.is_available())

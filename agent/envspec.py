@@ -31,18 +31,23 @@ class ObservationSpec:
                     BAD_OBSERVATION, f"state of shape {self.state_shape} is required"
                 )
             if obs.state.shape != self.state_shape:
-                raise ProtocolError(BAD_OBSERVATION, f"state must have shape {self.state_shape}, "
-                                    f"got {obs.state.shape}")  # fmt: skip
+                raise ProtocolError(
+                    BAD_OBSERVATION,
+                    f"state must have shape {self.state_shape}, got {obs.state.shape}",
+                )
         if not self.image_shapes:
             return
         for name, image in obs.images.items():
             want = self.image_shapes.get(name)
             if want is None:
-                raise ProtocolError(BAD_OBSERVATION, f"unknown image {name!r}; this env has "
-                                    f"{sorted(self.image_shapes)}")  # fmt: skip
+                raise ProtocolError(
+                    BAD_OBSERVATION,
+                    f"unknown image {name!r}; this env has {sorted(self.image_shapes)}",
+                )
             if image.shape != want:
-                raise ProtocolError(BAD_OBSERVATION, f"image {name!r} must have shape {want}, "
-                                    f"got {image.shape}")  # fmt: skip
+                raise ProtocolError(
+                    BAD_OBSERVATION, f"image {name!r} must have shape {want}, got {image.shape}"
+                )
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,13 @@ def describe_space(space: Any) -> dict[str, Any]:
     from gymnasium import spaces
 
     if isinstance(space, spaces.Box):
-        return {"type": "box", "shape": list(space.shape), "dtype": space.dtype.str,
-                "low": space.low.astype(np.float64).ravel().tolist()[:64],
-                "high": space.high.astype(np.float64).ravel().tolist()[:64]}  # fmt: skip
+        return {
+            "type": "box",
+            "shape": list(space.shape),
+            "dtype": space.dtype.str,
+            "low": space.low.astype(np.float64).ravel().tolist()[:64],
+            "high": space.high.astype(np.float64).ravel().tolist()[:64],
+        }
     if isinstance(space, spaces.Discrete):
         return {"type": "discrete", "n": int(space.n)}
     if isinstance(space, spaces.Dict):
@@ -108,13 +117,20 @@ def describe_env(env_id: str) -> EnvDescription:
             options = list(base.skill_options())
         action = env.action_space
         box = isinstance(action, gym.spaces.Box)
-        info = EnvInfo(env_id=env_id, action_shape=tuple(action.shape) if box else None,
-                       action_low=action.low.copy() if box else None,
-                       action_high=action.high.copy() if box else None,
-                       has_skills=has_skills)  # fmt: skip
-        metadata = {"env_id": env_id, "observation_space": describe_space(env.observation_space),
-                    "action_space": describe_space(action), "has_skills": has_skills,
-                    "skill_options": options}  # fmt: skip
+        info = EnvInfo(
+            env_id=env_id,
+            action_shape=tuple(action.shape) if box else None,
+            action_low=action.low.copy() if box else None,
+            action_high=action.high.copy() if box else None,
+            has_skills=has_skills,
+        )
+        metadata = {
+            "env_id": env_id,
+            "observation_space": describe_space(env.observation_space),
+            "action_space": describe_space(action),
+            "has_skills": has_skills,
+            "skill_options": options,
+        }
         return EnvDescription(info, observation_spec(env.observation_space), metadata)
     finally:
         env.close()

@@ -23,8 +23,13 @@ class _Open:
 
 
 class EpisodeBook:
-    def __init__(self, env_id: str, writer: EpisodeWriter | None, idle_timeout_s: float,
-                 max_steps: int = 10_000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        env_id: str,
+        writer: EpisodeWriter | None,
+        idle_timeout_s: float,
+        max_steps: int = 10_000,
+    ) -> None:
         self.env_id = env_id
         self.writer = writer
         self.idle_timeout_s = idle_timeout_s
@@ -35,14 +40,22 @@ class EpisodeBook:
     def __len__(self) -> int:
         return len(self._open)
 
-    def record(self, obs: Observation, reward: float | None, decision: Decision,
-               timing: dict[str, float], model_id: str, model_version: str) -> None:  # fmt: skip
+    def record(
+        self,
+        obs: Observation,
+        reward: float | None,
+        decision: Decision,
+        timing: dict[str, float],
+        model_id: str,
+        model_version: str,
+    ) -> None:
         """A decision was sent; `reward` is what the episode's previous decision earned."""
         now = time.monotonic()
         ep = self._open.get(obs.episode_id)
         if ep is None:
             ep = self._open[obs.episode_id] = _Open(
-                EpisodeBuffer(obs.episode_id, obs.robot_id, self.env_id), now)  # fmt: skip
+                EpisodeBuffer(obs.episode_id, obs.robot_id, self.env_id), now
+            )
         ep.last_seen = now
         ep.steps += 1
         if self.writer is None:

@@ -67,16 +67,26 @@ def openpi_observation(obs: Any) -> dict[str, Any]:
             state = np.ascontiguousarray(value, dtype=np.float32).ravel()
     options = obs.get("options") or []
     prompt = obs.get("prompt", "")
-    return {"images": images, "state": state,
-            "instruction": prompt if isinstance(prompt, str) else str(prompt),
-            "options": options if isinstance(options, list) else [], "sim": obs.get("sim")}  # fmt: skip
+    return {
+        "images": images,
+        "state": state,
+        "instruction": prompt if isinstance(prompt, str) else str(prompt),
+        "options": options if isinstance(options, list) else [],
+        "sim": obs.get("sim"),
+    }
 
 
 class OpenpiGateway:
     """WebSocket server on `host:port` forwarding to the ZeroMQ server at `endpoint`."""
 
-    def __init__(self, endpoint: str, host: str = "127.0.0.1", port: int = 8000,
-                 timeout_ms: int = 60_000, max_message_bytes: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        endpoint: str,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        timeout_ms: int = 60_000,
+        max_message_bytes: int | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.host, self.port = host, port
         self.timeout_ms = timeout_ms
@@ -88,12 +98,18 @@ class OpenpiGateway:
         """Listen (in a background thread); returns the bound port."""
         from websockets.sync.server import serve
 
-        self._server = serve(self._handle, self.host, self.port, compression=None,
-                             max_size=self.max_message_bytes,
-                             process_request=self._health)  # fmt: skip
+        self._server = serve(
+            self._handle,
+            self.host,
+            self.port,
+            compression=None,
+            max_size=self.max_message_bytes,
+            process_request=self._health,
+        )
         self.port = self._server.socket.getsockname()[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="openpi-gateway",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="openpi-gateway", daemon=True
+        )
         self._thread.start()
         return self.port
 

@@ -73,8 +73,12 @@ def _encode_extra(obj: Any) -> Any:
         if not obj.flags.c_contiguous:
             obj = np.ascontiguousarray(obj)
         data = memoryview(obj.reshape(-1)).cast("B") if obj.size else b""  # no copy
-        return {b"__ndarray__": True, b"data": data, b"dtype": obj.dtype.str,
-                b"shape": list(obj.shape)}  # fmt: skip
+        return {
+            b"__ndarray__": True,
+            b"data": data,
+            b"dtype": obj.dtype.str,
+            b"shape": list(obj.shape),
+        }
     if isinstance(obj, np.generic):
         if obj.dtype.str not in _ALLOWED_DTYPES:
             raise TypeError(f"scalars of dtype {obj.dtype} cannot be sent")
@@ -114,8 +118,11 @@ def _decode_array(obj: dict) -> np.ndarray:
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
         raise ProtocolError(BAD_ARRAY, f"array shape {shape!r} must hold non-negative ints")
     if math.prod(shape) * dtype.itemsize != len(data):
-        raise ProtocolError(BAD_ARRAY, f"array of shape {list(shape)} and dtype {dtype.str} "
-                            f"needs {math.prod(shape) * dtype.itemsize} bytes, got {len(data)}")  # fmt: skip
+        raise ProtocolError(
+            BAD_ARRAY,
+            f"array of shape {list(shape)} and dtype {dtype.str} "
+            f"needs {math.prod(shape) * dtype.itemsize} bytes, got {len(data)}",
+        )
     return np.ndarray(buffer=data, dtype=dtype, shape=tuple(shape))
 
 
@@ -130,8 +137,9 @@ def packb(obj: Any) -> bytes:
     """
     packer = getattr(_local, "packer", None)
     if packer is None:
-        packer = _local.packer = msgpack.Packer(default=_encode_extra, use_bin_type=True,
-                                                autoreset=False)  # fmt: skip
+        packer = _local.packer = msgpack.Packer(
+            default=_encode_extra, use_bin_type=True, autoreset=False
+        )
     try:
         packer.pack(obj)
         return packer.bytes()
@@ -273,8 +281,10 @@ def _state(value: Any) -> np.ndarray | None:
     if value.dtype != np.float32:
         raise ProtocolError(BAD_OBSERVATION, f"state must be float32, got {value.dtype}")
     if value.ndim != 1 or value.shape[0] > _MAX_STATE:
-        raise ProtocolError(BAD_OBSERVATION, f"state must be 1-D with <= {_MAX_STATE} values, "
-                            f"got shape {value.shape}")  # fmt: skip
+        raise ProtocolError(
+            BAD_OBSERVATION,
+            f"state must be 1-D with <= {_MAX_STATE} values, got shape {value.shape}",
+        )
     if not np.isfinite(value).all():
         raise ProtocolError(BAD_OBSERVATION, "state contains NaN or infinity")
     return value
@@ -316,8 +326,11 @@ def parse_request(data: bytes | memoryview) -> Request:
         raise ProtocolError(BAD_MESSAGE, f"a message must be a map, got {type(msg).__name__}")
     version = msg.get("protocol")
     if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
-        raise ProtocolError(VERSION_MISMATCH, f"client speaks protocol {version!r}; this server "
-                            f"speaks {PROTOCOL_VERSION} (supported: {list(SUPPORTED_VERSIONS)})")  # fmt: skip
+        raise ProtocolError(
+            VERSION_MISMATCH,
+            f"client speaks protocol {version!r}; this server "
+            f"speaks {PROTOCOL_VERSION} (supported: {list(SUPPORTED_VERSIONS)})",
+        )
     kind = msg.get("type")
     request_id = _bounded_int(msg, "request_id", _MAX_REQUEST_ID)
     if kind == "decide":
@@ -327,15 +340,22 @@ def parse_request(data: bytes | memoryview) -> Request:
         return DecideRequest(request_id, obs, _finite(msg, "reward"))
     if kind == "end":
         success = _field(msg, "success", bool, optional=True)
-        return EndEpisode(request_id, _ident(msg, "robot_id"), _ident(msg, "episode_id"),
-                          _finite(msg, "reward"), bool(_field(msg, "terminated", bool)),
-                          bool(_field(msg, "truncated", bool)), success)  # fmt: skip
+        return EndEpisode(
+            request_id,
+            _ident(msg, "robot_id"),
+            _ident(msg, "episode_id"),
+            _finite(msg, "reward"),
+            bool(_field(msg, "terminated", bool)),
+            bool(_field(msg, "truncated", bool)),
+            success,
+        )
     if kind == "hello":
         return Hello(request_id, _ident(msg, "robot_id"))
     if kind == "stats":
         return StatsRequest(request_id)
-    raise ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind!r}; "
-                        "expected hello, decide, end or stats")  # fmt: skip
+    raise ProtocolError(
+        UNKNOWN_TYPE, f"unknown message type {kind!r}; expected hello, decide, end or stats"
+    )
 
 
 def peek_ids(data: bytes | memoryview) -> tuple[int | None, str | None]:
@@ -352,10 +372,19 @@ def peek_ids(data: bytes | memoryview) -> tuple[int | None, str | None]:
     return rid, eid
 
 
-def encode_error(code: str, message: str, request_id: int | None = None,
-                 episode_id: str | None = None) -> bytes:  # fmt: skip
-    return packb({"type": "error", "protocol": PROTOCOL_VERSION, "request_id": request_id,
-                  "episode_id": episode_id, "code": code, "message": message})  # fmt: skip
+def encode_error(
+    code: str, message: str, request_id: int | None = None, episode_id: str | None = None
+) -> bytes:
+    return packb(
+        {
+            "type": "error",
+            "protocol": PROTOCOL_VERSION,
+            "request_id": request_id,
+            "episode_id": episode_id,
+            "code": code,
+            "message": message,
+        }
+    )
 
 
 def encode_body(kind: str, request_id: int, body: dict[str, Any]) -> bytes:
@@ -363,44 +392,106 @@ def encode_body(kind: str, request_id: int, body: dict[str, Any]) -> bytes:
     return packb({"type": kind, "protocol": PROTOCOL_VERSION, "request_id": request_id, **body})
 
 
-def encode_decision(request: DecideRequest, decision: Decision, model_id: str,
-                    model_version: str, timing: dict[str, float]) -> bytes:  # fmt: skip
+def encode_decision(
+    request: DecideRequest,
+    decision: Decision,
+    model_id: str,
+    model_version: str,
+    timing: dict[str, float],
+) -> bytes:
     obs = request.observation
     action = None if decision.action is None else np.asarray(decision.action, dtype=np.float32)
     point = None if decision.point is None else [float(v) for v in decision.point]
-    return packb({
-        "type": "decision", "protocol": PROTOCOL_VERSION, "request_id": request.request_id,
-        "episode_id": obs.episode_id, "step": obs.step, "action": action,
-        "skill_index": None if decision.skill_index is None else int(decision.skill_index),
-        "skill": decision.skill, "point": point, "reasoning": decision.reasoning,
-        "model_id": model_id, "model_version": model_version, "timing": timing,
-    })  # fmt: skip
+    return packb(
+        {
+            "type": "decision",
+            "protocol": PROTOCOL_VERSION,
+            "request_id": request.request_id,
+            "episode_id": obs.episode_id,
+            "step": obs.step,
+            "action": action,
+            "skill_index": None if decision.skill_index is None else int(decision.skill_index),
+            "skill": decision.skill,
+            "point": point,
+            "reasoning": decision.reasoning,
+            "model_id": model_id,
+            "model_version": model_version,
+            "timing": timing,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- robot side
 
 
 def encode_hello(request_id: int, robot_id: str) -> bytes:
-    return packb({"type": "hello", "protocol": PROTOCOL_VERSION, "request_id": request_id,
-                  "robot_id": robot_id})  # fmt: skip
+    return packb(
+        {
+            "type": "hello",
+            "protocol": PROTOCOL_VERSION,
+            "request_id": request_id,
+            "robot_id": robot_id,
+        }
+    )
 
 
-def encode_decide(request_id: int, robot_id: str, episode_id: str, step: int, *,
-                  images: dict[str, np.ndarray] | None = None, state: np.ndarray | None = None,
-                  instruction: str = "", options: list[str] | tuple[str, ...] = (),
-                  sim: dict[str, Any] | None = None, reward: float | None = None) -> bytes:  # fmt: skip
-    observation = {"images": images or {}, "state": state, "instruction": instruction,
-                   "options": list(options), "sim": sim}  # fmt: skip
-    return packb({"type": "decide", "protocol": PROTOCOL_VERSION, "request_id": request_id,
-                  "robot_id": robot_id, "episode_id": episode_id, "step": step,
-                  "observation": observation, "reward": reward})  # fmt: skip
+def encode_decide(
+    request_id: int,
+    robot_id: str,
+    episode_id: str,
+    step: int,
+    *,
+    images: dict[str, np.ndarray] | None = None,
+    state: np.ndarray | None = None,
+    instruction: str = "",
+    options: list[str] | tuple[str, ...] = (),
+    sim: dict[str, Any] | None = None,
+    reward: float | None = None,
+) -> bytes:
+    observation = {
+        "images": images or {},
+        "state": state,
+        "instruction": instruction,
+        "options": list(options),
+        "sim": sim,
+    }
+    return packb(
+        {
+            "type": "decide",
+            "protocol": PROTOCOL_VERSION,
+            "request_id": request_id,
+            "robot_id": robot_id,
+            "episode_id": episode_id,
+            "step": step,
+            "observation": observation,
+            "reward": reward,
+        }
+    )
 
 
-def encode_end(request_id: int, robot_id: str, episode_id: str, *, reward: float | None,
-               terminated: bool, truncated: bool, success: bool | None) -> bytes:  # fmt: skip
-    return packb({"type": "end", "protocol": PROTOCOL_VERSION, "request_id": request_id,
-                  "robot_id": robot_id, "episode_id": episode_id, "reward": reward,
-                  "terminated": terminated, "truncated": truncated, "success": success})  # fmt: skip
+def encode_end(
+    request_id: int,
+    robot_id: str,
+    episode_id: str,
+    *,
+    reward: float | None,
+    terminated: bool,
+    truncated: bool,
+    success: bool | None,
+) -> bytes:
+    return packb(
+        {
+            "type": "end",
+            "protocol": PROTOCOL_VERSION,
+            "request_id": request_id,
+            "robot_id": robot_id,
+            "episode_id": episode_id,
+            "reward": reward,
+            "terminated": terminated,
+            "truncated": truncated,
+            "success": success,
+        }
+    )
 
 
 def encode_stats(request_id: int) -> bytes:
@@ -414,14 +505,31 @@ def parse_reply(data: bytes | memoryview) -> Reply:
         raise ProtocolError(BAD_MESSAGE, "reply is not a typed map")
     kind, rid = msg["type"], msg.get("request_id")
     if kind == "error":
-        return Reply(kind, rid, msg.get("episode_id"), error_code=msg.get("code"),
-                     error_message=msg.get("message"))  # fmt: skip
+        return Reply(
+            kind,
+            rid,
+            msg.get("episode_id"),
+            error_code=msg.get("code"),
+            error_message=msg.get("message"),
+        )
     if kind == "decision":
         point = msg.get("point")
-        decision = Decision(action=msg.get("action"), skill_index=msg.get("skill_index"),
-                            skill=msg.get("skill"), point=None if point is None else tuple(point),
-                            reasoning=msg.get("reasoning"))  # fmt: skip
-        return Reply(kind, rid, msg.get("episode_id"), msg.get("step"), decision,
-                     msg.get("model_id"), msg.get("model_version"), msg.get("timing") or {})  # fmt: skip
+        decision = Decision(
+            action=msg.get("action"),
+            skill_index=msg.get("skill_index"),
+            skill=msg.get("skill"),
+            point=None if point is None else tuple(point),
+            reasoning=msg.get("reasoning"),
+        )
+        return Reply(
+            kind,
+            rid,
+            msg.get("episode_id"),
+            msg.get("step"),
+            decision,
+            msg.get("model_id"),
+            msg.get("model_version"),
+            msg.get("timing") or {},
+        )
     body = {k: v for k, v in msg.items() if k not in ("type", "protocol", "request_id")}
     return Reply(kind, rid, body=body)

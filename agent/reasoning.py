@@ -80,8 +80,10 @@ def format_question(instruction: str, options: list[str], allow_point: bool = Fa
         raise ValueError("a next-action question needs at least one option or allow_point")
     if len(options) > len(_LETTERS):
         raise ValueError(f"{len(options)} options do not fit the letters A..Z")
-    lines = [f"The robot's task: {instruction.strip()}" if instruction.strip() else "",
-             "What is the next action the robot should take?"]  # fmt: skip
+    lines = [
+        f"The robot's task: {instruction.strip()}" if instruction.strip() else "",
+        "What is the next action the robot should take?",
+    ]
     lines += [f"({option_letter(i)}) {option.strip()}" for i, option in enumerate(options)]
     if options:
         lines.append(CHOICE_SUFFIX)

@@ -32,18 +32,34 @@ METADATA_KEY = b"embodied_agent.episode"
 TMP_DIRNAME = ".tmp"
 log = logging.getLogger(__name__)
 
-_IMAGE = pa.struct([("name", pa.string()), ("height", pa.int32()), ("width", pa.int32()),
-                    ("data", pa.binary())])  # fmt: skip
-SCHEMA = pa.schema([
-    ("episode_id", pa.string()), ("robot_id", pa.string()), ("step", pa.int32()),
-    ("time", pa.float64()), ("instruction", pa.string()), ("options", pa.list_(pa.string())),
-    ("state", pa.list_(pa.float32())), ("images", pa.list_(_IMAGE)),
-    ("action", pa.list_(pa.float32())), ("skill_index", pa.int32()), ("skill", pa.string()),
-    ("point", pa.list_(pa.float32())), ("reasoning", pa.string()), ("reward", pa.float64()),
-    ("terminated", pa.bool_()), ("truncated", pa.bool_()), ("queue_ms", pa.float32()),
-    ("inference_ms", pa.float32()), ("batch_size", pa.int32()), ("model_id", pa.string()),
-    ("model_version", pa.string()),
-])  # fmt: skip
+_IMAGE = pa.struct(
+    [("name", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("data", pa.binary())]
+)
+SCHEMA = pa.schema(
+    [
+        ("episode_id", pa.string()),
+        ("robot_id", pa.string()),
+        ("step", pa.int32()),
+        ("time", pa.float64()),
+        ("instruction", pa.string()),
+        ("options", pa.list_(pa.string())),
+        ("state", pa.list_(pa.float32())),
+        ("images", pa.list_(_IMAGE)),
+        ("action", pa.list_(pa.float32())),
+        ("skill_index", pa.int32()),
+        ("skill", pa.string()),
+        ("point", pa.list_(pa.float32())),
+        ("reasoning", pa.string()),
+        ("reward", pa.float64()),
+        ("terminated", pa.bool_()),
+        ("truncated", pa.bool_()),
+        ("queue_ms", pa.float32()),
+        ("inference_ms", pa.float32()),
+        ("batch_size", pa.int32()),
+        ("model_id", pa.string()),
+        ("model_version", pa.string()),
+    ]
+)
 
 
 @dataclass
@@ -57,13 +73,24 @@ class EpisodeBuffer:
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> row
     last_step: int | None = None
 
-    def add_step(self, obs: Observation, decision: Decision, timing: dict[str, float],
-                 model_id: str, model_version: str) -> None:  # fmt: skip
+    def add_step(
+        self,
+        obs: Observation,
+        decision: Decision,
+        timing: dict[str, float],
+        model_id: str,
+        model_version: str,
+    ) -> None:
         """Record a decision; a repeated step (client retry) replaces the earlier one."""
         self.rows[obs.step] = {
-            "obs": obs, "decision": decision, "time": time.time(), "reward": None,
-            "timing": timing, "model_id": model_id, "model_version": model_version,
-        }  # fmt: skip
+            "obs": obs,
+            "decision": decision,
+            "time": time.time(),
+            "reward": None,
+            "timing": timing,
+            "model_id": model_id,
+            "model_version": model_version,
+        }
         self.last_step = obs.step
 
     def set_reward(self, step: int, reward: float | None) -> None:
@@ -95,32 +122,50 @@ def episode_table(buf: EpisodeBuffer, end: EpisodeEnd, extra: dict[str, Any]) ->
         dec: Decision = row["decision"]
         last = i == len(steps) - 1
         values = {
-            "episode_id": buf.episode_id, "robot_id": buf.robot_id, "step": step,
-            "time": row["time"], "instruction": obs.instruction, "options": obs.options,
+            "episode_id": buf.episode_id,
+            "robot_id": buf.robot_id,
+            "step": step,
+            "time": row["time"],
+            "instruction": obs.instruction,
+            "options": obs.options,
             "state": None if obs.state is None else obs.state,
-            "images": [{"name": k, "height": v.shape[0], "width": v.shape[1], "data": v.tobytes()}
-                       for k, v in obs.images.items()],
+            "images": [
+                {"name": k, "height": v.shape[0], "width": v.shape[1], "data": v.tobytes()}
+                for k, v in obs.images.items()
+            ],
             "action": None if dec.action is None else np.asarray(dec.action, np.float32),
-            "skill_index": dec.skill_index, "skill": dec.skill,
+            "skill_index": dec.skill_index,
+            "skill": dec.skill,
             "point": None if dec.point is None else list(dec.point),
-            "reasoning": dec.reasoning, "reward": row["reward"],
-            "terminated": last and end.terminated, "truncated": last and end.truncated,
+            "reasoning": dec.reasoning,
+            "reward": row["reward"],
+            "terminated": last and end.terminated,
+            "truncated": last and end.truncated,
             "queue_ms": row["timing"].get("queue_ms"),
             "inference_ms": row["timing"].get("inference_ms"),
             "batch_size": row["timing"].get("batch_size"),
-            "model_id": row["model_id"], "model_version": row["model_version"],
-        }  # fmt: skip
+            "model_id": row["model_id"],
+            "model_version": row["model_version"],
+        }
         for name, value in values.items():
             cols[name].append(value)
     rewards = [r for r in cols["reward"] if r is not None]
     summary = {
-        "format_version": FORMAT_VERSION, "episode_id": buf.episode_id,
-        "robot_id": buf.robot_id, "env_id": buf.env_id, "steps": len(steps),
-        "first_step": steps[0] if steps else None, "total_reward": float(sum(rewards)),
-        "success": end.success, "terminated": end.terminated, "truncated": end.truncated,
-        "end_reason": end.reason, "started_at": buf.started_at, "ended_at": time.time(),
+        "format_version": FORMAT_VERSION,
+        "episode_id": buf.episode_id,
+        "robot_id": buf.robot_id,
+        "env_id": buf.env_id,
+        "steps": len(steps),
+        "first_step": steps[0] if steps else None,
+        "total_reward": float(sum(rewards)),
+        "success": end.success,
+        "terminated": end.terminated,
+        "truncated": end.truncated,
+        "end_reason": end.reason,
+        "started_at": buf.started_at,
+        "ended_at": time.time(),
         **extra,
-    }  # fmt: skip
+    }
     table = pa.Table.from_pydict(cols, schema=SCHEMA)
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(summary).encode()})
 
@@ -240,8 +285,9 @@ class Episode:
             match = next((im for im in step_images if im["name"] == name), None)
             if match is None:
                 raise KeyError(f"episode {self.episode_id} has a step without image {name!r}")
-            frames.append(np.frombuffer(match["data"], np.uint8).reshape(
-                match["height"], match["width"], 3))  # fmt: skip
+            frames.append(
+                np.frombuffer(match["data"], np.uint8).reshape(match["height"], match["width"], 3)
+            )
         return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
 
     def actions(self) -> np.ndarray:
@@ -269,8 +315,10 @@ def read_episode(path: str | Path) -> Episode:
         raise ValueError(f"{path} is not an episode file (no {METADATA_KEY.decode()} metadata)")
     meta = json.loads(raw)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: episode format {meta.get('format_version')} is not "
-                         f"supported (expected {FORMAT_VERSION})")  # fmt: skip
+        raise ValueError(
+            f"{path}: episode format {meta.get('format_version')} is not "
+            f"supported (expected {FORMAT_VERSION})"
+        )
     return Episode(path, meta, table)
 
 

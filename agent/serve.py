@@ -21,9 +21,12 @@ def _report_periodically(server: Server, every_s: float, done: threading.Event) 
         stats = server.stats()
         if stats["requests"] != last:
             last = stats["requests"]
-            print(f"[serve] {stats['decisions']} decisions, {stats['errors']} errors, "
-                  f"mean batch {stats['mean_batch']:.1f}, open episodes {stats['open_episodes']}, "
-                  f"recorded {stats['recorded_episodes']}", flush=True)  # fmt: skip
+            print(
+                f"[serve] {stats['decisions']} decisions, {stats['errors']} errors, "
+                f"mean batch {stats['mean_batch']:.1f}, open episodes {stats['open_episodes']}, "
+                f"recorded {stats['recorded_episodes']}",
+                flush=True,
+            )
 
 
 def parse_backend_options(pairs: list[str]) -> dict[str, str]:
@@ -56,11 +59,15 @@ def serve(args: argparse.Namespace) -> int:
         print(f"agent serve: {exc}", file=sys.stderr)
         return 2
     config = ServerConfig(
-        bind=args.bind, max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms,
+        bind=args.bind,
+        max_batch=args.max_batch,
+        batch_timeout_ms=args.batch_timeout_ms,
         max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-        episode_timeout_s=args.episode_timeout_s, record_dir=args.record, curve_dir=args.curve,
+        episode_timeout_s=args.episode_timeout_s,
+        record_dir=args.record,
+        curve_dir=args.curve,
         reload_every_s=args.reload_every_s,
-    )  # fmt: skip
+    )
     if args.openpi_port is not None and args.curve is not None:
         print("agent serve: --openpi-port cannot be combined with --curve", file=sys.stderr)
         return 2
@@ -76,11 +83,14 @@ def serve(args: argparse.Namespace) -> int:
         from agent.openpi_gateway import OpenpiGateway
 
         local = endpoint.replace("//0.0.0.0:", "//127.0.0.1:").replace("//*:", "//127.0.0.1:")
-        gateway = OpenpiGateway(local, args.openpi_host, args.openpi_port,
-                                max_message_bytes=config.max_message_bytes)  # fmt: skip
+        gateway = OpenpiGateway(
+            local, args.openpi_host, args.openpi_port, max_message_bytes=config.max_message_bytes
+        )
         port = gateway.start()
-        print(f"[serve] openpi WebSocket front door on ws://{args.openpi_host}:{port} "
-              f"(GET /healthz)", flush=True)  # fmt: skip
+        print(
+            f"[serve] openpi WebSocket front door on ws://{args.openpi_host}:{port} (GET /healthz)",
+            flush=True,
+        )
 
     def graceful(sig: int, _frame: object) -> None:
         server.stop()  # a second signal is not caught: it interrupts a stuck shutdown
@@ -88,10 +98,14 @@ def serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, graceful)
-    print(f"[serve] {args.env} · backend {backend_name} ({backend.model_id} "
-          f"v{backend.model_version}) · listening on {endpoint} · max batch {config.max_batch}, "
-          f"window {config.batch_timeout_ms} ms" + (f" · recording to {args.record}"
-          if args.record else "") + (" · CURVE on" if args.curve else ""), flush=True)  # fmt: skip
+    print(
+        f"[serve] {args.env} · backend {backend_name} ({backend.model_id} "
+        f"v{backend.model_version}) · listening on {endpoint} · max batch {config.max_batch}, "
+        f"window {config.batch_timeout_ms} ms"
+        + (f" · recording to {args.record}" if args.record else "")
+        + (" · CURVE on" if args.curve else ""),
+        flush=True,
+    )
     done = threading.Event()
     if not args.quiet:
         threading.Thread(
@@ -103,6 +117,9 @@ def serve(args: argparse.Namespace) -> int:
         done.set()
         if gateway is not None:
             gateway.stop()
-    print("[serve] stopped: " + json.dumps({k: v for k, v in server.stats().items()
-                                            if k != "backend"}), flush=True)  # fmt: skip
+    print(
+        "[serve] stopped: "
+        + json.dumps({k: v for k, v in server.stats().items() if k != "backend"}),
+        flush=True,
+    )
     return 0

@@ -53,8 +53,9 @@ class _Waiting:
 class Server:
     """Serve `backend` on `config.bind`. `bind()`, then `run()` (blocks until `stop()`)."""
 
-    def __init__(self, backend: Backend, config: ServerConfig,
-                 env: EnvDescription | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, backend: Backend, config: ServerConfig, env: EnvDescription | None = None
+    ) -> None:
         self.backend = backend
         self.config = config
         self.env_id = env.info.env_id if env else backend.env.env_id
@@ -62,10 +63,14 @@ class Server:
         self.policy = BatchPolicy(config.max_batch, config.batch_timeout_ms / 1000.0)
         self.activity = RobotActivity(self.policy.active_window_s)
         self.call_cost = CallCost()
-        self.writer = EpisodeWriter(config.record_dir, {"env_id": self.env_id,
-                                    "backend": backend.name}) if config.record_dir else None  # fmt: skip
-        self.episodes = EpisodeBook(self.env_id, self.writer, config.episode_timeout_s,
-                                    config.max_episode_steps)  # fmt: skip
+        self.writer = (
+            EpisodeWriter(config.record_dir, {"env_id": self.env_id, "backend": backend.name})
+            if config.record_dir
+            else None
+        )
+        self.episodes = EpisodeBook(
+            self.env_id, self.writer, config.episode_timeout_s, config.max_episode_steps
+        )
         self._env_metadata = dict(env.metadata) if env else {"env_id": self.env_id}
         self._stop = threading.Event()
         self._context = zmq.Context()
@@ -73,9 +78,16 @@ class Server:
         self._socket: zmq.Socket | None = None
         self.endpoint: str | None = None
         self._started = time.monotonic()
-        self.counters = {"requests": 0, "decisions": 0, "errors": 0, "batches": 0,
-                         "max_batch_seen": 0, "busy_s": 0.0, "backend_s": 0.0,
-                         "backend_cpu_s": 0.0}  # fmt: skip
+        self.counters = {
+            "requests": 0,
+            "decisions": 0,
+            "errors": 0,
+            "batches": 0,
+            "max_batch_seen": 0,
+            "busy_s": 0.0,
+            "backend_s": 0.0,
+            "backend_cpu_s": 0.0,
+        }
         self._loop_clock: int | None = None  # CPU-time clock of the loop thread
         self._loop_cpu_at_start = 0.0
 
@@ -128,30 +140,39 @@ class Server:
 
     def metadata(self) -> dict[str, Any]:
         return {
-            **self._env_metadata, "protocol": P.PROTOCOL_VERSION,
-            "supported_protocols": list(P.SUPPORTED_VERSIONS), "backend": self.backend.name,
-            "model_id": self.backend.model_id, "model_version": self.backend.model_version,
-            "max_batch": self.policy.max_batch, "batch_timeout_ms": self.config.batch_timeout_ms,
+            **self._env_metadata,
+            "protocol": P.PROTOCOL_VERSION,
+            "supported_protocols": list(P.SUPPORTED_VERSIONS),
+            "backend": self.backend.name,
+            "model_id": self.backend.model_id,
+            "model_version": self.backend.model_version,
+            "max_batch": self.policy.max_batch,
+            "batch_timeout_ms": self.config.batch_timeout_ms,
             "max_message_bytes": self.config.max_message_bytes,
             "episode_timeout_s": self.config.episode_timeout_s,
             "recording": self.writer is not None,
-        }  # fmt: skip
+        }
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
         handled = c["requests"] or float("inf")  # per-request figures are 0 before any request
         return {
-            "requests": c["requests"], "decisions": c["decisions"], "errors": c["errors"],
-            "batches": c["batches"], "max_batch_seen": c["max_batch_seen"],
+            "requests": c["requests"],
+            "decisions": c["decisions"],
+            "errors": c["errors"],
+            "batches": c["batches"],
+            "max_batch_seen": c["max_batch_seen"],
             "mean_batch": c["decisions"] / max(1, c["batches"]),
             "runtime_overhead_us": 1e6 * (c["busy_s"] - c["backend_s"]) / handled,
             "runtime_cpu_us": 1e6 * (self._loop_cpu_s() - c["backend_cpu_s"]) / handled,
             "backend_ms_per_batch": 1e3 * c["backend_s"] / max(1, c["batches"]),
-            "open_episodes": len(self.episodes), "closed_episodes": self.episodes.closed,
+            "open_episodes": len(self.episodes),
+            "closed_episodes": self.episodes.closed,
             "recorded_episodes": self.writer.written if self.writer else 0,
             "record_failures": self.writer.failures if self.writer else 0,
-            "uptime_s": time.monotonic() - self._started, "backend": self.backend.stats(),
-        }  # fmt: skip
+            "uptime_s": time.monotonic() - self._started,
+            "backend": self.backend.stats(),
+        }
 
     # ------------------------------------------------------------------ loop
 
@@ -181,9 +202,11 @@ class Server:
                 if sock.poll(timeout_ms, zmq.POLLIN):
                     self._drain(sock, waiting)
                 while waiting and self.policy.should_flush(
-                    len(waiting), time.perf_counter() - waiting[0].received,
-                    self.activity.active(), self.call_cost.seconds,
-                ):  # fmt: skip
+                    len(waiting),
+                    time.perf_counter() - waiting[0].received,
+                    self.activity.active(),
+                    self.call_cost.seconds,
+                ):
                     batch = waiting[: self.policy.max_batch]
                     del waiting[: self.policy.max_batch]
                     self._decide(sock, batch)
@@ -242,9 +265,15 @@ class Server:
             return P.encode_body("hello", request.request_id, {"metadata": self.metadata()})
         if isinstance(request, P.EndEpisode):
             steps = self.episodes.end(request)
-            return P.encode_body("ended", request.request_id,
-                                 {"episode_id": request.episode_id, "steps": steps,
-                                  "recorded": self.writer is not None and steps > 0})  # fmt: skip
+            return P.encode_body(
+                "ended",
+                request.request_id,
+                {
+                    "episode_id": request.episode_id,
+                    "steps": steps,
+                    "recorded": self.writer is not None and steps > 0,
+                },
+            )
         return P.encode_body("stats", request.request_id, {"stats": self.stats()})
 
     def _decide(self, sock: zmq.Socket, batch: list[_Waiting]) -> None:
@@ -268,8 +297,11 @@ class Server:
                 reply = P.encode_error(result.code, result.message, req.request_id, obs.episode_id)
             else:
                 c["decisions"] += 1
-                timing = {"queue_ms": 1e3 * (start - waiting.received),
-                          "inference_ms": 1e3 * inference_s, "batch_size": len(batch)}  # fmt: skip
+                timing = {
+                    "queue_ms": 1e3 * (start - waiting.received),
+                    "inference_ms": 1e3 * inference_s,
+                    "batch_size": len(batch),
+                }
                 reply = P.encode_decision(req, result, model_id, model_version, timing)
                 self.episodes.record(obs, req.reward, result, timing, model_id, model_version)
             sock.send_multipart([*waiting.envelope, reply])
@@ -280,8 +312,9 @@ class Server:
         try:
             decisions = self.backend.decide(batch)
             if len(decisions) != len(batch):
-                raise BackendError(f"backend returned {len(decisions)} decisions for "
-                                   f"{len(batch)} observations")  # fmt: skip
+                raise BackendError(
+                    f"backend returned {len(decisions)} decisions for {len(batch)} observations"
+                )
             return [_check_decision(o, d) for o, d in zip(batch, decisions, strict=True)]
         except BackendError as exc:
             if len(batch) > 1:
@@ -312,8 +345,12 @@ class Server:
             except zmq.Again:
                 break
             rid, eid = P.peek_ids(frames[-1].buffer)
-            sock.send_multipart([*(f.bytes for f in frames[:-1]),
-                                 P.encode_error(P.SHUTTING_DOWN, "server is shutting down", rid, eid)])  # fmt: skip
+            sock.send_multipart(
+                [
+                    *(f.bytes for f in frames[:-1]),
+                    P.encode_error(P.SHUTTING_DOWN, "server is shutting down", rid, eid),
+                ]
+            )
         self.episodes.close_all("shutdown")
         if self.writer is not None:
             self.writer.close()
@@ -325,6 +362,8 @@ class Server:
 
 def _check_decision(obs: Observation, decision: Decision) -> Decision | P.ProtocolError:
     if decision.skill_index is not None and not 0 <= decision.skill_index < len(obs.options):
-        return P.ProtocolError(P.BACKEND_ERROR, f"backend chose skill {decision.skill_index} "
-                               f"of {len(obs.options)} options")  # fmt: skip
+        return P.ProtocolError(
+            P.BACKEND_ERROR,
+            f"backend chose skill {decision.skill_index} of {len(obs.options)} options",
+        )
     return decision

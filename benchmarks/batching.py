@@ -69,15 +69,25 @@ class TinyTorchPolicy(Backend):
         return [Decision(action=a) for a in actions]
 
     def warmup(self) -> None:
-        obs = Observation("w", "w", 0, images={"image": np.zeros(IMAGE_SHAPE, np.uint8)},
-                          state=np.zeros(STATE_DIM, np.float32))  # fmt: skip
+        obs = Observation(
+            "w",
+            "w",
+            0,
+            images={"image": np.zeros(IMAGE_SHAPE, np.uint8)},
+            state=np.zeros(STATE_DIM, np.float32),
+        )
         for n in (1, 16):
             self.decide([obs] * n)
 
 
 def call_cost_ms(backend: TinyTorchPolicy, batch_size: int, repeats: int = 50) -> float:
-    obs = Observation("c", "c", 0, images={"image": np.zeros(IMAGE_SHAPE, np.uint8)},
-                      state=np.zeros(STATE_DIM, np.float32))  # fmt: skip
+    obs = Observation(
+        "c",
+        "c",
+        0,
+        images={"image": np.zeros(IMAGE_SHAPE, np.uint8)},
+        state=np.zeros(STATE_DIM, np.float32),
+    )
     start = time.perf_counter()
     for _ in range(repeats):
         backend.decide([obs] * batch_size)
@@ -107,8 +117,16 @@ def drive(endpoint: str, robots: int, seconds: float, warmup_s: float) -> None:
     mismatched = 0
 
     def send(i: int) -> None:
-        socks[i].send(P.encode_decide(steps[i] + 1, f"robot-{i}", f"ep-{i}", steps[i],
-                                      images={"image": image}, state=state))  # fmt: skip
+        socks[i].send(
+            P.encode_decide(
+                steps[i] + 1,
+                f"robot-{i}",
+                f"ep-{i}",
+                steps[i],
+                images={"image": image},
+                state=state,
+            )
+        )
         sent_at[i] = time.perf_counter()
 
     for i in range(robots):
@@ -136,9 +154,17 @@ def drive(endpoint: str, robots: int, seconds: float, warmup_s: float) -> None:
             else:
                 in_flight -= 1
     lat = np.asarray(latencies)
-    print(json.dumps({"decisions": counted, "decisions_per_s": counted / seconds,
-                      "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-                      "mismatched": mismatched}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "decisions": counted,
+                "decisions_per_s": counted / seconds,
+                "p50_ms": float(np.percentile(lat, 50)),
+                "p99_ms": float(np.percentile(lat, 99)),
+                "mismatched": mismatched,
+            }
+        )
+    )
 
 
 def run(max_batch: int, robots: int, seconds: float, timeout_ms: float) -> dict:
@@ -146,14 +172,20 @@ def run(max_batch: int, robots: int, seconds: float, timeout_ms: float) -> dict:
 
     backend = TinyTorchPolicy(ENV)
     backend.warmup()
-    server = Server(backend, ServerConfig(bind="tcp://127.0.0.1:0", max_batch=max_batch,
-                                          batch_timeout_ms=timeout_ms))  # fmt: skip
+    server = Server(
+        backend,
+        ServerConfig(bind="tcp://127.0.0.1:0", max_batch=max_batch, batch_timeout_ms=timeout_ms),
+    )
     endpoint = server.bind()
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        proc = subprocess.run([sys.executable, __file__, "--drive", endpoint, str(robots), str(seconds)],
-                              capture_output=True, text=True, timeout=seconds + 120)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, __file__, "--drive", endpoint, str(robots), str(seconds)],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 120,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"robots failed: {proc.stderr}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -161,9 +193,13 @@ def run(max_batch: int, robots: int, seconds: float, timeout_ms: float) -> dict:
     finally:
         server.stop()
         thread.join(30)
-    return {"max_batch": max_batch, **result, "mean_batch": stats["mean_batch"],
-            "backend_ms_per_batch": stats["backend_ms_per_batch"],
-            "runtime_cpu_us": stats["runtime_cpu_us"]}  # fmt: skip
+    return {
+        "max_batch": max_batch,
+        **result,
+        "mean_batch": stats["mean_batch"],
+        "backend_ms_per_batch": stats["backend_ms_per_batch"],
+        "runtime_cpu_us": stats["runtime_cpu_us"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,21 +233,36 @@ def main(argv: list[str] | None = None) -> int:
             {"max_batch_1": single, f"max_batch_{args.robots}": batched, "speedup": speedup}
         )
         for r in (single, batched):
-            print(f"round {k + 1} max batch {r['max_batch']:2d}: {r['decisions_per_s']:7.0f} decisions/s, "
-                  f"mean batch {r['mean_batch']:5.2f}, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
-                  f"backend {r['backend_ms_per_batch']:.2f} ms/call, runtime CPU "
-                  f"{r['runtime_cpu_us']:.0f} us/request", file=out)  # fmt: skip
+            print(
+                f"round {k + 1} max batch {r['max_batch']:2d}: {r['decisions_per_s']:7.0f} decisions/s, "
+                f"mean batch {r['mean_batch']:5.2f}, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, "
+                f"backend {r['backend_ms_per_batch']:.2f} ms/call, runtime CPU "
+                f"{r['runtime_cpu_us']:.0f} us/request",
+                file=out,
+            )
     median = float(np.median([r["speedup"] for r in rounds]))
     with open("/proc/loadavg") as f:
         load = float(f.read().split()[0])
     each = ", ".join(f"{r['speedup']:.1f}x" for r in rounds)
-    print(f"speedup {median:.1f}x median of {args.rounds} rounds ({each}; goal >= 4x); model call "
-          f"{cost['batch_1_ms']:.2f} ms at batch 1, {cost[f'batch_{args.robots}_ms']:.2f} ms at batch "
-          f"{args.robots}; load average {load}", file=out)  # fmt: skip
+    print(
+        f"speedup {median:.1f}x median of {args.rounds} rounds ({each}; goal >= 4x); model call "
+        f"{cost['batch_1_ms']:.2f} ms at batch 1, {cost[f'batch_{args.robots}_ms']:.2f} ms at batch "
+        f"{args.robots}; load average {load}",
+        file=out,
+    )
     if args.json:
-        print(json.dumps({"robots": args.robots, "model_call_cost": cost, "rounds": rounds,
-                          "speedup_median": median, "goal_met": median >= 4.0,
-                          "load_average_after": load}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "robots": args.robots,
+                    "model_call_cost": cost,
+                    "rounds": rounds,
+                    "speedup_median": median,
+                    "goal_met": median >= 4.0,
+                    "load_average_after": load,
+                }
+            )
+        )
     return 0
 
 

@@ -40,8 +40,13 @@ from agent.server import Server, ServerConfig
 
 ENV = EnvInfo("tabletop/PickPlace-v0", action_shape=(4,), has_skills=True)
 INSTRUCTION = "move the purple cube to the orange pad"
-OPTIONS = ["move above the purple cube", "move above the orange cube",
-           "move above the yellow cube", "grasp", "open the gripper"]  # fmt: skip
+OPTIONS = [
+    "move above the purple cube",
+    "move above the orange cube",
+    "move above the yellow cube",
+    "grasp",
+    "open the gripper",
+]
 IMAGE_SIZE = 448
 
 
@@ -50,14 +55,23 @@ def scene(seed: int) -> np.ndarray:
 
 
 def observations(n: int) -> list[Observation]:
-    return [Observation(f"robot{i}", f"episode{i}", 0, INSTRUCTION, {"image": scene(i)},
-                        options=list(OPTIONS)) for i in range(n)]  # fmt: skip
+    return [
+        Observation(
+            f"robot{i}", f"episode{i}", 0, INSTRUCTION, {"image": scene(i)}, options=list(OPTIONS)
+        )
+        for i in range(n)
+    ]
 
 
 def backend_options(tokens: int) -> dict[str, Any]:
     """Greedy, fixed length, no retries: every decision costs the same."""
-    return {"temperature": 0, "max_new_tokens": tokens, "min_new_tokens": tokens,
-            "retries": 0, "fallback": "first"}  # fmt: skip
+    return {
+        "temperature": 0,
+        "max_new_tokens": tokens,
+        "min_new_tokens": tokens,
+        "retries": 0,
+        "fallback": "first",
+    }
 
 
 def delta(after: dict, before: dict) -> dict[str, float]:
@@ -67,9 +81,10 @@ def delta(after: dict, before: dict) -> dict[str, float]:
     return {
         "prefill_ms": 1e3 * (after["prefill_s"] - before["prefill_s"]) / calls if calls else None,
         "ms_per_decode_step": 1e3 * (after["decode_s"] - before["decode_s"]) / steps
-        if steps else None,
+        if steps
+        else None,
         "mean_batch": (after["decisions"] - before["decisions"]) / calls if calls else None,
-    }  # fmt: skip
+    }
 
 
 def drive_robots(endpoint: str, robots: int, seconds: float, results: Any) -> None:
@@ -83,8 +98,13 @@ def drive_robots(endpoint: str, robots: int, seconds: float, results: Any) -> No
         try:
             with AgentClient(endpoint, timeout_ms=600_000, robot_id=f"robot{i}") as client:
                 while time.perf_counter() < deadline:
-                    client.decide(episode_id=f"episode{i}", step=done[i], images={"image": image},
-                                  instruction=INSTRUCTION, options=OPTIONS)  # fmt: skip
+                    client.decide(
+                        episode_id=f"episode{i}",
+                        step=done[i],
+                        images={"image": image},
+                        instruction=INSTRUCTION,
+                        options=OPTIONS,
+                    )
                     done[i] += 1
                     last[i] = time.perf_counter()
         except Exception as exc:  # reported to the parent; a benchmark must not hang
@@ -120,10 +140,14 @@ def through_runtime(backend, robots: int, max_batch: int, seconds: float) -> dic
         loop.join(60)
     if outcome["errors"]:
         raise RuntimeError(f"{len(outcome['errors'])} robot(s) failed: {outcome['errors'][0]}")
-    return {"robots": robots, "max_batch": max_batch, "path": "runtime",
-            "decisions": outcome["decisions"],
-            "decisions_per_s": outcome["decisions"] / outcome["elapsed_s"],
-            **delta(backend.stats(), before)}  # fmt: skip
+    return {
+        "robots": robots,
+        "max_batch": max_batch,
+        "path": "runtime",
+        "decisions": outcome["decisions"],
+        "decisions_per_s": outcome["decisions"] / outcome["elapsed_s"],
+        **delta(backend.stats(), before),
+    }
 
 
 def in_process(backend, robots: int, repeats: int = 2) -> dict[str, Any]:
@@ -135,8 +159,13 @@ def in_process(backend, robots: int, repeats: int = 2) -> dict[str, Any]:
     for _ in range(repeats):
         backend.decide(batch)
     elapsed = time.perf_counter() - start
-    return {"robots": robots, "max_batch": robots, "path": "in_process",
-            "decisions_per_s": robots * repeats / elapsed, **delta(backend.stats(), before)}  # fmt: skip
+    return {
+        "robots": robots,
+        "max_batch": robots,
+        "path": "in_process",
+        "decisions_per_s": robots * repeats / elapsed,
+        **delta(backend.stats(), before),
+    }
 
 
 def prompt_tokens(backend) -> dict[str, int]:
@@ -176,18 +205,37 @@ def random_7b_backend(tokens: int, device: str):
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
-            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
-                             "rope_theta": 1e6},
-            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=128000,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": [16, 24, 24],
+                "rope_theta": 1e6,
+            },
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                           out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31],
-                           window_size=112, patch_size=14, tokens_per_second=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )  # fmt: skip
+        vision_config=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            window_size=112,
+            patch_size=14,
+            tokens_per_second=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
@@ -195,8 +243,9 @@ def random_7b_backend(tokens: int, device: str):
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     image_processor = build_image_processor("qwen2_5_vl", max_pixels=IMAGE_SIZE * IMAGE_SIZE)
     processor = build_processor("qwen2_5_vl", image_processor, tokenizer, CHAT_TEMPLATE)
-    return CosmosBackend.from_loaded(ENV, "random-qwen2.5-vl-7b-bf16", model, processor,
-                                     **backend_options(tokens))  # fmt: skip
+    return CosmosBackend.from_loaded(
+        ENV, "random-qwen2.5-vl-7b-bf16", model, processor, **backend_options(tokens)
+    )
 
 
 def checkpoint_backend(path: str, tokens: int):
@@ -213,13 +262,21 @@ def run_tiny(args: argparse.Namespace) -> dict[str, Any]:
         backend = tiny_backend(Path(tmp) / "tiny-qwen2.5-vl", args.tokens)
         backend.warmup()
         robots = args.robots[0] if args.robots else 16
-        rows = [through_runtime(backend, robots, 1, args.seconds),
-                through_runtime(backend, robots, args.max_batch or robots, args.seconds)]  # fmt: skip
+        rows = [
+            through_runtime(backend, robots, 1, args.seconds),
+            through_runtime(backend, robots, args.max_batch or robots, args.seconds),
+        ]
         info = prompt_tokens(backend)
-    return {"benchmark": "cosmos_decide", "mode": "tiny-cpu", "device": "cpu",
-            "generated_tokens": args.tokens, **info, "rows": rows,
-            "speedup_batched_vs_max_batch_1": rows[1]["decisions_per_s"] / rows[0]["decisions_per_s"],
-            "goal_speedup": 4.0}  # fmt: skip
+    return {
+        "benchmark": "cosmos_decide",
+        "mode": "tiny-cpu",
+        "device": "cpu",
+        "generated_tokens": args.tokens,
+        **info,
+        "rows": rows,
+        "speedup_batched_vs_max_batch_1": rows[1]["decisions_per_s"] / rows[0]["decisions_per_s"],
+        "goal_speedup": 4.0,
+    }
 
 
 def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,10 +298,17 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
                 backend.decide(observations(size))
         rows.append(through_runtime(backend, robots, args.max_batch or robots, args.seconds))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"benchmark": "cosmos_decide", "mode": "checkpoint" if args.model else "random-7b-bf16",
-            "model": backend.model_id, "device": device, "compiled": backend.compiled,
-            "generated_tokens": tokens, **prompt_tokens(backend), "rows": rows,
-            "goals": {"ms_per_decode_step_1_robot": 6.0, "decisions_per_s_8_robots": 7.0}}  # fmt: skip
+    return {
+        "benchmark": "cosmos_decide",
+        "mode": "checkpoint" if args.model else "random-7b-bf16",
+        "model": backend.model_id,
+        "device": device,
+        "compiled": backend.compiled,
+        "generated_tokens": tokens,
+        **prompt_tokens(backend),
+        "rows": rows,
+        "goals": {"ms_per_decode_step_1_robot": 6.0, "decisions_per_s_8_robots": 7.0},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         for row in result["rows"]:
-            print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in row.items()))  # fmt: skip
+            print(
+                " ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                )
+            )
         extra = {k: v for k, v in result.items() if k != "rows"}
         print(json.dumps(extra))
     return 0

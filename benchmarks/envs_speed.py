@@ -92,10 +92,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (median kept)")
     parser.add_argument("--env", action="append", choices=sorted(envs.ENV_IDS))
     args = parser.parse_args()
-    results = {env_id: measure(env_id, args.steps, args.frames, args.size, args.rounds)
-               for env_id in args.env or sorted(envs.ENV_IDS)}  # fmt: skip
-    report = {"benchmark": "envs_speed", "load_average_1m": round(os.getloadavg()[0], 2),
-              "results": results}  # fmt: skip
+    results = {
+        env_id: measure(env_id, args.steps, args.frames, args.size, args.rounds)
+        for env_id in args.env or sorted(envs.ENV_IDS)
+    }
+    report = {
+        "benchmark": "envs_speed",
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "results": results,
+    }
     print(json.dumps(report, indent=2))
 
 

@@ -53,10 +53,29 @@ def network_namespace(rate: str) -> Iterator[list[str]]:
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
     try:
         # tbf needs a real MTU on lo (the kernel here has no netem qdisc).
-        subprocess.run([*run, "ip", "link", "set", "lo", "mtu", "1500", "up"], check=True,
-                       timeout=30)  # fmt: skip
-        subprocess.run([*run, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", rate,
-                        "burst", "64kb", "latency", "50ms"], check=True, timeout=30)  # fmt: skip
+        subprocess.run(
+            [*run, "ip", "link", "set", "lo", "mtu", "1500", "up"], check=True, timeout=30
+        )
+        subprocess.run(
+            [
+                *run,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "lo",
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "64kb",
+                "latency",
+                "50ms",
+            ],
+            check=True,
+            timeout=30,
+        )
         yield run
     finally:
         subprocess.run(["ip", "netns", "del", name], timeout=30, check=False)
@@ -74,15 +93,45 @@ def launch(trainers: int, sequence: list[str], args, prefix: list[str]) -> list[
     """One horovodrun job; returns each rank's record."""
     out = Path(tempfile.mkdtemp(prefix="shadowsync_ctr_"))
     launcher = Path(sys.executable).with_name("horovodrun")
-    cmd = [*prefix, str(launcher), "-np", str(trainers), "-H", f"localhost:{trainers}", "--gloo",
-           sys.executable, str(WORKER), "--algos", ",".join(sequence),
-           "--examples", str(args.examples), "--held-out", str(args.held_out),
-           "--budget-s", str(args.budget_s), "--interval", str(args.interval),
-           "--every", str(args.every), "--workers", str(args.workers), "--lr", str(args.lr),
-           "--out", str(out)]  # fmt: skip
+    cmd = [
+        *prefix,
+        str(launcher),
+        "-np",
+        str(trainers),
+        "-H",
+        f"localhost:{trainers}",
+        "--gloo",
+        sys.executable,
+        str(WORKER),
+        "--algos",
+        ",".join(sequence),
+        "--examples",
+        str(args.examples),
+        "--held-out",
+        str(args.held_out),
+        "--budget-s",
+        str(args.budget_s),
+        "--interval",
+        str(args.interval),
+        "--every",
+        str(args.every),
+        "--workers",
+        str(args.workers),
+        "--lr",
+        str(args.lr),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired as exc:
@@ -104,29 +153,34 @@ def rows_for(trainers: int, records: list[dict], netem: bool) -> tuple[list[dict
     for i, rank0 in enumerate(records[0]["runs"]):
         ranks = [rec["runs"][i] for rec in records]
         gaps = [r["stats"]["sync_gap"] for r in ranks if r["stats"] and r["stats"]["sync_gap"]]
-        runs.setdefault(rank0["algo"], []).append({
-            "eps": sum(r["examples"] for r in ranks) / max(r["seconds"] for r in ranks),
-            "ne": rank0["ne"],
-            "sync_gap": statistics.fmean(gaps) if gaps else None,
-            "comm_s": statistics.fmean(r["stats"].get("comm_seconds", 0.0) for r in ranks)
-            if rank0["stats"] else 0.0,
-            "seconds": max(r["seconds"] for r in ranks),
-        })  # fmt: skip
+        runs.setdefault(rank0["algo"], []).append(
+            {
+                "eps": sum(r["examples"] for r in ranks) / max(r["seconds"] for r in ranks),
+                "ne": rank0["ne"],
+                "sync_gap": statistics.fmean(gaps) if gaps else None,
+                "comm_s": statistics.fmean(r["stats"].get("comm_seconds", 0.0) for r in ranks)
+                if rank0["stats"]
+                else 0.0,
+                "seconds": max(r["seconds"] for r in ranks),
+            }
+        )
         curves.setdefault(rank0["algo"], rank0["curve"])
     rows = []
     for algo, reps in runs.items():
         gaps = [r["sync_gap"] for r in reps if r["sync_gap"] is not None]
-        rows.append({
-            "algo": algo,
-            "trainers": trainers,
-            "eps": round(max(r["eps"] for r in reps), 1),
-            "ne": round(statistics.fmean(r["ne"] for r in reps), 5),
-            "sync_gap": round(statistics.fmean(gaps), 2) if gaps else None,
-            "comm_s": round(statistics.fmean(r["comm_s"] for r in reps), 3),
-            "seconds": round(statistics.fmean(r["seconds"] for r in reps), 3),
-            "repeats": len(reps),
-            "netem": netem,
-        })  # fmt: skip
+        rows.append(
+            {
+                "algo": algo,
+                "trainers": trainers,
+                "eps": round(max(r["eps"] for r in reps), 1),
+                "ne": round(statistics.fmean(r["ne"] for r in reps), 5),
+                "sync_gap": round(statistics.fmean(gaps), 2) if gaps else None,
+                "comm_s": round(statistics.fmean(r["comm_s"] for r in reps), 3),
+                "seconds": round(statistics.fmean(r["seconds"] for r in reps), 3),
+                "repeats": len(reps),
+                "netem": netem,
+            }
+        )
     by_algo = {r["algo"]: r for r in rows}
     for row in rows:
         if "none" in by_algo:
@@ -160,8 +214,7 @@ def plot(rows: list[dict], curves: dict[str, list], out: Path, title: str) -> li
     for algo, curve in curves.items():
         if curve:
             ax.plot(*zip(*curve, strict=True), label=algo)
-    ax.set(xlabel="seconds", ylabel="NE (held-out, lower is better)",
-           title=f"NE vs time{title}")  # fmt: skip
+    ax.set(xlabel="seconds", ylabel="NE (held-out, lower is better)", title=f"NE vs time{title}")
     ax.legend(fontsize=7)
     ne_png = out / "ne_vs_time.png"
     fig.savefig(ne_png, dpi=100, bbox_inches="tight")
@@ -178,8 +231,10 @@ def table(rows: list[dict]) -> str:
         gap = "-" if r["sync_gap"] is None else f"{r['sync_gap']:.1f}"
         vs_none = f"{r['eps_vs_none']:.2f}" if "eps_vs_none" in r else "-"
         vs_sync = f"{r['ne_vs_sync_sgd']:+.2%}" if "ne_vs_sync_sgd" in r else "-"
-        lines.append(f"{r['algo']:<9} {r['trainers']:>8} {r['eps']:>9.0f} {vs_none:>8} "
-                     f"{r['ne']:>8.4f} {vs_sync:>8} {gap:>7}")  # fmt: skip
+        lines.append(
+            f"{r['algo']:<9} {r['trainers']:>8} {r['eps']:>9.0f} {vs_none:>8} "
+            f"{r['ne']:>8.4f} {vs_sync:>8} {gap:>7}"
+        )
     return "\n".join(lines)
 
 
@@ -195,8 +250,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--held-out", type=int, help="held-out examples for NE")
     p.add_argument("--repeats", type=int, help="runs of every algorithm per trainer count")
     p.add_argument("--budget-s", type=float, help="time cap per run (default: none; netem 10)")
-    p.add_argument("--interval", type=float, default=0.1,
-                   help="S-* least seconds per round (0: back to back)")  # fmt: skip
+    p.add_argument(
+        "--interval", type=float, default=0.1, help="S-* least seconds per round (0: back to back)"
+    )
     p.add_argument("--every", type=int, default=20, help="FR-* sync period in iterations")
     p.add_argument("--workers", type=int, default=1, help="Hogwild threads per trainer")
     p.add_argument("--lr", type=float, default=1.0, help="SGD learning rate per trainer")
@@ -204,9 +260,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "out" / "shadowsync_ctr")
     args = p.parse_args(argv)
     quick = args.quick
-    defaults = {"trainers": "1,2" if quick else "1,2,4", "examples": 100_000 if quick else 300_000,
-                "held_out": 20_000 if quick else 50_000, "repeats": 1 if quick else 2,
-                "budget_s": (4.0 if quick else 10.0) if args.netem else 0.0}  # fmt: skip
+    defaults = {
+        "trainers": "1,2" if quick else "1,2,4",
+        "examples": 100_000 if quick else 300_000,
+        "held_out": 20_000 if quick else 50_000,
+        "repeats": 1 if quick else 2,
+        "budget_s": (4.0 if quick else 10.0) if args.netem else 0.0,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -229,8 +289,10 @@ def main(argv: list[str] | None = None) -> None:
         for trainers in args.trainer_counts:
             # One trainer has nothing to synchronise: only the no-sync baseline runs.
             algos = args.algo_list if trainers > 1 else ["none"]
-            log(f"[shadowsync_ctr] {trainers} trainer(s): {len(algos)} algorithm(s) "
-                f"x {args.repeats}{' (netem ' + args.rate + ')' if args.netem else ''}")  # fmt: skip
+            log(
+                f"[shadowsync_ctr] {trainers} trainer(s): {len(algos)} algorithm(s) "
+                f"x {args.repeats}{' (netem ' + args.rate + ')' if args.netem else ''}"
+            )
             records = launch(trainers, plan(algos, args.repeats), args, prefix)
             new_rows, new_curves = rows_for(trainers, records, args.netem)
             rows += new_rows

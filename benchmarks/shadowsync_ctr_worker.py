@@ -45,8 +45,10 @@ class Clicks:
         return len(self.labels)
 
     def batches(self, size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return [(self.ids[i : i + size], self.dense[i : i + size], self.labels[i : i + size])
-                for i in range(0, len(self), size)]  # fmt: skip
+        return [
+            (self.ids[i : i + size], self.dense[i : i + size], self.labels[i : i + size])
+            for i in range(0, len(self), size)
+        ]
 
 
 class GroundTruth:
@@ -103,8 +105,10 @@ class DLRM(nn.Module):
 def normalised_entropy(model: nn.Module, data: Clicks, base_rate: float) -> float:
     """NE = log loss / entropy of the base click rate (lower is better; 1 = predicts the rate)."""
     with torch.no_grad():
-        losses = [nn.functional.binary_cross_entropy_with_logits(model(i, d), y, reduction="sum")
-                  for i, d, y in data.batches(8192)]  # fmt: skip
+        losses = [
+            nn.functional.binary_cross_entropy_with_logits(model(i, d), y, reduction="sum")
+            for i, d, y in data.batches(8192)
+        ]
     log_loss = float(sum(losses)) / len(data)
     p = base_rate
     return log_loss / -(p * math.log(p) + (1 - p) * math.log(1 - p))

@@ -43,13 +43,27 @@ def free_port() -> int:
 
 def start_server(port: int) -> subprocess.Popen:
     agent = Path(sys.executable).with_name("agent")
-    return subprocess.Popen([str(agent), "serve", "--env", "Pusher-v5", "--backend", "zero",
-                             "--bind", f"tcp://127.0.0.1:{port}", "--quiet"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.Popen(
+        [
+            str(agent),
+            "serve",
+            "--env",
+            "Pusher-v5",
+            "--backend",
+            "zero",
+            "--bind",
+            f"tcp://127.0.0.1:{port}",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
-def soak(endpoint: str, server_pid: int, robots: int, seconds: float,
-         warmup_s: float = 1.0) -> dict:  # fmt: skip
+def soak(
+    endpoint: str, server_pid: int, robots: int, seconds: float, warmup_s: float = 1.0
+) -> dict:
     ctx = zmq.Context.instance()
     socks, outstanding, steps = [], {}, [0] * robots
     poller = zmq.Poller()
@@ -60,8 +74,11 @@ def soak(endpoint: str, server_pid: int, robots: int, seconds: float,
     def send(i: int) -> None:
         nonlocal next_id, sent
         state = np.full(23, steps[i] % 1000, np.float32)
-        socks[i].send(P.encode_decide(next_id, f"soak-{i}", f"soak-ep-{i}", steps[i],
-                                      images={"image": image}, state=state))  # fmt: skip
+        socks[i].send(
+            P.encode_decide(
+                next_id, f"soak-{i}", f"soak-ep-{i}", steps[i], images={"image": image}, state=state
+            )
+        )
         outstanding[i] = (next_id, steps[i])
         next_id += 1
         sent += 1
@@ -101,13 +118,17 @@ def soak(endpoint: str, server_pid: int, robots: int, seconds: float,
     for s in socks:
         s.close(linger=0)
     return {
-        "robots": robots, "seconds": round(elapsed, 2), "sent": sent, "received": received,
-        "lost": len(outstanding), "mismatched": mismatched,
+        "robots": robots,
+        "seconds": round(elapsed, 2),
+        "sent": sent,
+        "received": received,
+        "lost": len(outstanding),
+        "mismatched": mismatched,
         "decisions_per_s": received / elapsed if elapsed else 0.0,
         "rss_start_mb": samples[0] if samples else None,
         "rss_end_mb": samples[-1] if samples else None,
         "rss_growth_mb": samples[-1] - samples[0] if len(samples) > 1 else 0.0,
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['robots']} robots for {result['seconds']} s: {result['received']} replies, "
-              f"lost {result['lost']}, mismatched {result['mismatched']}, "
-              f"{result['decisions_per_s']:.0f} decisions/s, server RSS "
-              f"{result['rss_start_mb']:.1f} -> {result['rss_end_mb']:.1f} MB")  # fmt: skip
+        print(
+            f"{result['robots']} robots for {result['seconds']} s: {result['received']} replies, "
+            f"lost {result['lost']}, mismatched {result['mismatched']}, "
+            f"{result['decisions_per_s']:.0f} decisions/s, server RSS "
+            f"{result['rss_start_mb']:.1f} -> {result['rss_end_mb']:.1f} MB"
+        )
     return 0 if ok else 1
 
 

@@ -36,8 +36,10 @@ INSTRUCTION = "pick up the red cube and place it on the green pad"
 
 def payload() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng()
-    return (rng.integers(0, 255, (224, 224, 3), dtype=np.uint8),
-            rng.standard_normal(14).astype(np.float32))  # fmt: skip
+    return (
+        rng.integers(0, 255, (224, 224, 3), dtype=np.uint8),
+        rng.standard_normal(14).astype(np.float32),
+    )
 
 
 def wait_until(start_at: float) -> None:
@@ -58,9 +60,13 @@ def agent_client_worker(
         wait_until(start_at)
         began, stop_at, step = time.time(), start_at + seconds, 0
         while time.time() < stop_at:
-            reply = client.decide(episode_id=client.robot_id.replace(".", "-"), step=step,
-                                  images={"image": image}, state=state,
-                                  instruction=INSTRUCTION)  # fmt: skip
+            reply = client.decide(
+                episode_id=client.robot_id.replace(".", "-"),
+                step=step,
+                images={"image": image},
+                state=state,
+                instruction=INSTRUCTION,
+            )
             latencies.append(reply.latency_ms)
             step += 1
         elapsed = time.time() - began
@@ -81,8 +87,11 @@ def openpi_client_worker(uri: str, start_at: float, seconds: float) -> tuple[lis
         began, stop_at = time.time(), start_at + seconds
         while time.time() < stop_at:
             sent = time.perf_counter()
-            ws.send(P.packb({"observation/image": image, "observation/state": state,
-                             "prompt": INSTRUCTION}))  # fmt: skip
+            ws.send(
+                P.packb(
+                    {"observation/image": image, "observation/state": state, "prompt": INSTRUCTION}
+                )
+            )
             P.unpackb(ws.recv())
             latencies.append(1e3 * (time.perf_counter() - sent))
         elapsed = time.time() - began
@@ -99,8 +108,9 @@ class OpenpiStyleServer:
         self._ready = threading.Event()
         self._stop: asyncio.Future | None = None
         self.port = 0
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),),
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._loop.run_until_complete, args=(self._run(),), daemon=True
+        )
 
     async def _handler(self, websocket) -> None:  # type: ignore[no-untyped-def]
         import websockets
@@ -144,9 +154,14 @@ class OpenpiStyleServer:
 
 def run_clients(kind: str, address: str, clients: int, seconds: float) -> list[dict]:
     start_at = time.time() + 3.0 + 0.3 * clients
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", kind, address, str(start_at),
-                               str(seconds)], stdout=subprocess.PIPE, text=True)
-             for _ in range(clients)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", kind, address, str(start_at), str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(clients)
+    ]
     results = []
     try:
         for proc in procs:
@@ -165,8 +180,13 @@ def summary(results: list[dict], clients: int) -> dict:
     """Decisions/s is the sum of each client's own rate (a client that started late still counts)."""
     lat = np.concatenate([r["latencies_ms"] for r in results])
     rate = sum(len(r["latencies_ms"]) / r["seconds"] for r in results if r["seconds"] > 0)
-    return {"clients": clients, "decisions": int(lat.size), "decisions_per_s": rate,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
+    return {
+        "clients": clients,
+        "decisions": int(lat.size),
+        "decisions_per_s": rate,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
 
 
 def run_agent(clients: int, seconds: float, max_batch: int) -> dict:
@@ -174,8 +194,10 @@ def run_agent(clients: int, seconds: float, max_batch: int) -> dict:
     from agent.backends.zero import ZeroBackend
     from agent.server import Server, ServerConfig
 
-    server = Server(ZeroBackend(EnvInfo("bench/Transport-v0", action_shape=(7,))),
-                    ServerConfig(bind="tcp://127.0.0.1:0", max_batch=max_batch))  # fmt: skip
+    server = Server(
+        ZeroBackend(EnvInfo("bench/Transport-v0", action_shape=(7,))),
+        ServerConfig(bind="tcp://127.0.0.1:0", max_batch=max_batch),
+    )
     endpoint = server.bind()
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -185,9 +207,13 @@ def run_agent(clients: int, seconds: float, max_batch: int) -> dict:
     finally:
         server.stop()
         thread.join(30)
-    return {**summary(results, clients), "mean_batch": stats["mean_batch"],
-            "runtime_overhead_us": stats["runtime_overhead_us"],
-            "runtime_cpu_us": stats["runtime_cpu_us"], "errors": stats["errors"]}  # fmt: skip
+    return {
+        **summary(results, clients),
+        "mean_batch": stats["mean_batch"],
+        "runtime_overhead_us": stats["runtime_overhead_us"],
+        "runtime_cpu_us": stats["runtime_cpu_us"],
+        "errors": stats["errors"],
+    }
 
 
 def run_openpi_style(clients: int, seconds: float) -> dict:
@@ -208,7 +234,8 @@ def goals(agent: dict[int, dict]) -> dict[str, bool]:
         )
     if 8 in agent:
         met["decisions_per_s_8_clients_ge_10950"] = (
-            agent[8]["decisions_per_s"] >= 1.5 * ANCHOR["decisions_per_s_8"])  # fmt: skip
+            agent[8]["decisions_per_s"] >= 1.5 * ANCHOR["decisions_per_s_8"]
+        )
     return met
 
 
@@ -236,20 +263,35 @@ def main(argv: list[str] | None = None) -> int:
             openpi[n] = run_openpi_style(n, args.seconds)
     out = sys.stderr if args.json else sys.stdout
     for n, r in agent.items():
-        print(f"{n:3d} clients  runtime: {r['decisions_per_s']:7.0f} decisions/s, p50 "
-              f"{r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, mean batch {r['mean_batch']:.2f}, "
-              f"overhead {r['runtime_overhead_us']:.0f} us/request (CPU {r['runtime_cpu_us']:.0f} us)",
-              file=out)  # fmt: skip
+        print(
+            f"{n:3d} clients  runtime: {r['decisions_per_s']:7.0f} decisions/s, p50 "
+            f"{r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, mean batch {r['mean_batch']:.2f}, "
+            f"overhead {r['runtime_overhead_us']:.0f} us/request (CPU {r['runtime_cpu_us']:.0f} us)",
+            file=out,
+        )
         if n in openpi:
             o = openpi[n]
-            print(f"{n:3d} clients  openpi-style websocket: {o['decisions_per_s']:7.0f} decisions/s, "
-                  f"p50 {o['p50_ms']:.3f} ms, p99 {o['p99_ms']:.3f} ms", file=out)  # fmt: skip
-    ratios = {str(n): {"decisions_per_s": agent[n]["decisions_per_s"] / openpi[n]["decisions_per_s"],
-                       "p50": agent[n]["p50_ms"] / openpi[n]["p50_ms"]} for n in openpi}  # fmt: skip
-    result = {"payload": "224x224x3 uint8 image + 14 float32 + instruction",
-              "load_average_before": load_before, "runtime": list(agent.values()),
-              "openpi_style_same_run": list(openpi.values()), "runtime_vs_openpi_style": ratios,
-              "anchor_openpi_quiet_machine": ANCHOR, "goals_vs_anchor": goals(agent)}  # fmt: skip
+            print(
+                f"{n:3d} clients  openpi-style websocket: {o['decisions_per_s']:7.0f} decisions/s, "
+                f"p50 {o['p50_ms']:.3f} ms, p99 {o['p99_ms']:.3f} ms",
+                file=out,
+            )
+    ratios = {
+        str(n): {
+            "decisions_per_s": agent[n]["decisions_per_s"] / openpi[n]["decisions_per_s"],
+            "p50": agent[n]["p50_ms"] / openpi[n]["p50_ms"],
+        }
+        for n in openpi
+    }
+    result = {
+        "payload": "224x224x3 uint8 image + 14 float32 + instruction",
+        "load_average_before": load_before,
+        "runtime": list(agent.values()),
+        "openpi_style_same_run": list(openpi.values()),
+        "runtime_vs_openpi_style": ratios,
+        "anchor_openpi_quiet_machine": ANCHOR,
+        "goals_vs_anchor": goals(agent),
+    }
     print(json.dumps(result) if args.json else json.dumps({"ratios": ratios, **goals(agent)}))
     return 0
 

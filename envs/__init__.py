@@ -23,8 +23,12 @@ MAX_EPISODE_STEPS = {"pick_place": 300, "stack": 500, "sort": 700, "push": 400}
 
 for _env_id, _task in ENV_IDS.items():
     if _env_id not in gym.registry:
-        gym.register(id=_env_id, entry_point="envs.tabletop.env:TabletopEnv",
-                     kwargs={"task": _task}, max_episode_steps=MAX_EPISODE_STEPS[_task])  # fmt: skip
+        gym.register(
+            id=_env_id,
+            entry_point="envs.tabletop.env:TabletopEnv",
+            kwargs={"task": _task},
+            max_episode_steps=MAX_EPISODE_STEPS[_task],
+        )
 
 
 def make_skill_env(env_id: str, **kwargs: Any) -> SkillEnv:

@@ -36,8 +36,12 @@ def render_sheet(logs: list[tuple[str, EpisodeLog]], tile: int, max_cols: int) -
     for row, (env_id, log) in enumerate(logs):
         top = PAD + row * row_h
         verdict = "success" if log.success else "FAILED"
-        draw.text((PAD, top + 4), f"{env_id} seed {log.seed}: {log.instruction}  [{verdict}]",
-                  fill="black", font=title_font)  # fmt: skip
+        draw.text(
+            (PAD, top + 4),
+            f"{env_id} seed {log.seed}: {log.instruction}  [{verdict}]",
+            fill="black",
+            font=title_font,
+        )
         steps = _pick_frames(len(log.frames), cols)
         for col, index in enumerate(steps):
             left = PAD + col * (tile + PAD)
@@ -45,8 +49,13 @@ def render_sheet(logs: list[tuple[str, EpisodeLog]], tile: int, max_cols: int) -
             sheet.paste(frame, (left, top + HEADER))
             caption = f"{index + 1}. {log.skills[index]}" if index < len(log.skills) else "final"
             lines = textwrap.wrap(caption, width=max(8, tile // 7))[:CAPTION_LINES]
-            draw.multiline_text((left, top + HEADER + tile + 2), "\n".join(lines),
-                                fill="black", font=font, spacing=2)  # fmt: skip
+            draw.multiline_text(
+                (left, top + HEADER + tile + 2),
+                "\n".join(lines),
+                fill="black",
+                font=font,
+                spacing=2,
+            )
     return sheet
 
 
@@ -68,8 +77,12 @@ def write_png(image: Image.Image, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("contact_sheet.png"))
-    parser.add_argument("--env", action="append", choices=sorted(ENV_IDS),
-                        help="env id (repeatable; default: every task)")  # fmt: skip
+    parser.add_argument(
+        "--env",
+        action="append",
+        choices=sorted(ENV_IDS),
+        help="env id (repeatable; default: every task)",
+    )
     parser.add_argument("--episodes", type=int, default=1, help="episodes per env")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--size", type=int, default=224, help="rendered image size")
@@ -78,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    jobs = [(env_id, args.seed + k) for env_id in args.env or list(ENV_IDS)
-            for k in range(args.episodes)]  # fmt: skip
+    jobs = [
+        (env_id, args.seed + k)
+        for env_id in args.env or list(ENV_IDS)
+        for k in range(args.episodes)
+    ]
     logs = []
     for env_id, seed in tqdm(jobs, desc="episodes", file=sys.stderr):
         env = make_skill_env(env_id, image_size=args.size)

@@ -58,8 +58,10 @@ def evaluate(env_ids: list[str], seeds: int, progress: bool = True) -> dict[str,
     for env_id in env_ids:
         env = make_skill_env(env_id, images=False)
         start = time.perf_counter()
-        logs = [run_oracle_episode(env, seed)
-                for seed in tqdm(range(seeds), desc=env_id, disable=not progress, file=sys.stderr)]  # fmt: skip
+        logs = [
+            run_oracle_episode(env, seed)
+            for seed in tqdm(range(seeds), desc=env_id, disable=not progress, file=sys.stderr)
+        ]
         env.close()
         results[env_id] = {
             "episodes": seeds,
@@ -75,10 +77,12 @@ def evaluate(env_ids: list[str], seeds: int, progress: bool = True) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=100, help="episodes per task (seeds 0..N-1)")
-    parser.add_argument("--env", action="append", choices=sorted(ENV_IDS),
-                        help="env id (repeatable; default: all)")  # fmt: skip
-    parser.add_argument("--min-success", type=float, default=0.95,
-                        help="exit 1 if any task is below this rate")  # fmt: skip
+    parser.add_argument(
+        "--env", action="append", choices=sorted(ENV_IDS), help="env id (repeatable; default: all)"
+    )
+    parser.add_argument(
+        "--min-success", type=float, default=0.95, help="exit 1 if any task is below this rate"
+    )
     args = parser.parse_args(argv)
     results = evaluate(args.env or sorted(ENV_IDS), args.seeds)
     print(json.dumps(results, indent=2))

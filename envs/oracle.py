@@ -41,8 +41,9 @@ def decide(privileged: Mapping[str, Any], options: Sequence[str]) -> OracleDecis
         raise ValueError(
             f"the oracle's next skill {skill!r} is not among the options {list(options)}"
         )
-    return OracleDecision(menu.index(skill), options[menu.index(skill)], rationale,
-                          action.astype(np.float32))  # fmt: skip
+    return OracleDecision(
+        menu.index(skill), options[menu.index(skill)], rationale, action.astype(np.float32)
+    )
 
 
 def _check(priv: Mapping[str, Any]) -> None:
@@ -89,8 +90,11 @@ def _pick_place_step(priv: Mapping[str, Any], obj: str, dest: str) -> tuple[str,
             f"The gripper is closed on nothing, so open it before going for the {obj}.",
         )
     target = blockers[0] if blockers else obj
-    why = (f"the {target} is in the way of the {obj}" if blockers
-           else f"the {obj} still has to go to the {dest}")  # fmt: skip
+    why = (
+        f"the {target} is in the way of the {obj}"
+        if blockers
+        else f"the {obj} still has to go to the {dest}"
+    )
     target_xy = np.asarray(priv["objects"][target]["pos"], dtype=float)[:2]
     if np.linalg.norm(target_xy - ee[:2]) < ABOVE_TOL:
         return skills.GRASP, f"The gripper is right above the {target} and {why}, so grasp it."
@@ -106,5 +110,7 @@ def _push_step(priv: Mapping[str, Any], block: str, target: str) -> tuple[str, s
             f"push the {block} to the {target}",
             f"The gripper is behind the {block}, so push it onto the {target}.",
         )
-    return (f"move behind the {block} toward the {target}",
-            f"The {block} is off the {target}, so get behind it on the line to the target.")  # fmt: skip
+    return (
+        f"move behind the {block} toward the {target}",
+        f"The {block} is off the {target}, so get behind it on the line to the target.",
+    )

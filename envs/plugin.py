@@ -36,7 +36,7 @@ def observation_request(obs: Any, info: dict[str, Any]) -> dict[str, Any]:
             "state": None if state is None else np.asarray(state, np.float32),
             "instruction": str(obs.get("instruction", info.get("instruction", ""))),
             "options": list(info.get("options", [])),
-        }  # fmt: skip
+        }
     return {"state": np.asarray(obs, np.float32).ravel(), "instruction": "", "options": []}
 
 
@@ -54,8 +54,10 @@ def execute(env: gym.Env, reply: DecisionReply) -> tuple[Any, float, bool, bool,
             return env.step_point(*decision.point)
         if decision.skill_index is not None:
             return env.step(int(decision.skill_index))
-        raise ValueError("the server sent no skill or point for a skill env "
-                         f"(model {reply.model_id}); is it serving the right env?")  # fmt: skip
+        raise ValueError(
+            "the server sent no skill or point for a skill env "
+            f"(model {reply.model_id}); is it serving the right env?"
+        )
     if decision.action is None:
         raise ValueError(f"the server sent no low-level action (model {reply.model_id})")
     space = env.action_space
@@ -66,10 +68,14 @@ def execute(env: gym.Env, reply: DecisionReply) -> tuple[Any, float, bool, bool,
 class RemotePolicy:
     """A gymnasium policy whose decisions come from the runtime. Not thread-safe (one per robot)."""
 
-    def __init__(self, client: AgentClient | str, *, send_privileged: bool = True,
-                 timeout_ms: int = 30_000) -> None:  # fmt: skip
-        self.client = client if isinstance(client, AgentClient) else AgentClient(
-            client, timeout_ms=timeout_ms, retries=1)  # fmt: skip
+    def __init__(
+        self, client: AgentClient | str, *, send_privileged: bool = True, timeout_ms: int = 30_000
+    ) -> None:
+        self.client = (
+            client
+            if isinstance(client, AgentClient)
+            else AgentClient(client, timeout_ms=timeout_ms, retries=1)
+        )
         self.send_privileged = send_privileged
         self.episode_id = ""
         self.step = 0
@@ -79,8 +85,9 @@ class RemotePolicy:
         self.step = 0
         return self.episode_id
 
-    def act(self, env: gym.Env, obs: Any, info: dict[str, Any],
-            reward: float | None = None) -> DecisionReply:  # fmt: skip
+    def act(
+        self, env: gym.Env, obs: Any, info: dict[str, Any], reward: float | None = None
+    ) -> DecisionReply:
         """The next decision for `obs`; `reward` is what the previous decision earned."""
         if not self.episode_id:
             self.start_episode()
@@ -88,15 +95,26 @@ class RemotePolicy:
         privileged = getattr(env, "privileged_state", None)
         if self.send_privileged and callable(privileged):
             sim = privileged()
-        reply = self.client.decide(episode_id=self.episode_id, step=self.step, sim=sim,
-                                   reward=reward, **observation_request(obs, info))  # fmt: skip
+        reply = self.client.decide(
+            episode_id=self.episode_id,
+            step=self.step,
+            sim=sim,
+            reward=reward,
+            **observation_request(obs, info),
+        )
         self.step += 1
         return reply
 
-    def end_episode(self, *, reward: float | None, terminated: bool, truncated: bool,
-                    success: bool | None) -> None:  # fmt: skip
-        self.client.end_episode(self.episode_id, reward=reward, terminated=terminated,
-                                truncated=truncated, success=success)  # fmt: skip
+    def end_episode(
+        self, *, reward: float | None, terminated: bool, truncated: bool, success: bool | None
+    ) -> None:
+        self.client.end_episode(
+            self.episode_id,
+            reward=reward,
+            terminated=terminated,
+            truncated=truncated,
+            success=success,
+        )
         self.episode_id = ""
 
     def close(self) -> None:
@@ -114,8 +132,9 @@ class EpisodeResult:
     latencies_ms: list[float] = field(default_factory=list)
 
 
-def run_episode(env: gym.Env, policy: RemotePolicy, seed: int | None = None,
-                max_decisions: int = 1000) -> EpisodeResult:  # fmt: skip
+def run_episode(
+    env: gym.Env, policy: RemotePolicy, seed: int | None = None, max_decisions: int = 1000
+) -> EpisodeResult:
     """Reset `env`, let the runtime decide until the episode ends, report it to the server."""
     obs, info = env.reset(seed=seed)
     episode_id = policy.start_episode()
@@ -134,5 +153,6 @@ def run_episode(env: gym.Env, policy: RemotePolicy, seed: int | None = None,
         truncated = True
     success = bool(info["is_success"]) if "is_success" in info else None
     policy.end_episode(reward=reward, terminated=terminated, truncated=truncated, success=success)
-    return EpisodeResult(episode_id, success, len(latencies), total, terminated, truncated,
-                         latencies)  # fmt: skip
+    return EpisodeResult(
+        episode_id, success, len(latencies), total, terminated, truncated, latencies
+    )

@@ -28,8 +28,9 @@ OPEN_WIDTH = 0.08  # gripper opening counted as "open"
 BEHIND_GAP = 0.035  # clearance between the gripper and a block before a push
 PUSH_SPEED = 0.3  # fraction of MAX_DELTA per step while pushing
 
-_SPOTS = np.stack(np.meshgrid(np.linspace(*WORKSPACE_X, 10), np.linspace(*WORKSPACE_Y, 17)),
-                  axis=-1).reshape(-1, 2)  # fmt: skip
+_SPOTS = np.stack(
+    np.meshgrid(np.linspace(*WORKSPACE_X, 10), np.linspace(*WORKSPACE_Y, 17)), axis=-1
+).reshape(-1, 2)
 
 GRASP, LIFT, OPEN = "grasp", "lift", "open the gripper"
 TABLE = "table"
@@ -83,8 +84,10 @@ def place_sentence(dest: str) -> str:
 def options(priv: Mapping[str, Any]) -> list[str]:
     """The currently sensible next skills (at most MAX_OPTIONS), right or wrong."""
     objects, held = priv["objects"], priv["held"]
-    names = {kind: [n for n, o in objects.items() if o["kind"] == kind]
-             for kind in ("cube", "pad", "bin", "block", "target")}  # fmt: skip
+    names = {
+        kind: [n for n, o in objects.items() if o["kind"] == kind]
+        for kind in ("cube", "pad", "bin", "block", "target")
+    }
     if names["block"]:
         menu = [
             f"move behind the {b} toward the {t}" for b in names["block"] for t in names["target"]
@@ -139,8 +142,9 @@ def push_aligned(priv: Mapping[str, Any], block: str, goal: str, tol: float = 0.
     return lateral < tol and -(half + BEHIND_GAP + tol) < along < 0 and ee[2] < PUSH_Z + tol
 
 
-def skill_action(skill: Skill, priv: Mapping[str, Any],
-                 point_xyz: np.ndarray | None = None) -> tuple[np.ndarray, bool]:  # fmt: skip
+def skill_action(
+    skill: Skill, priv: Mapping[str, Any], point_xyz: np.ndarray | None = None
+) -> tuple[np.ndarray, bool]:
     """Next low-level action (Box(4)) for `skill` and whether the skill has finished.
 
     Stateless: every phase (approach, descend, close, release, retreat) is read
@@ -173,8 +177,9 @@ def skill_action(skill: Skill, priv: Mapping[str, Any],
     raise ValueError(f"unknown skill verb {skill.verb!r}")
 
 
-def _grasp(ee: np.ndarray, held: str, width: float,
-           objects: Mapping[str, Any]) -> tuple[np.ndarray, bool]:  # fmt: skip
+def _grasp(
+    ee: np.ndarray, held: str, width: float, objects: Mapping[str, Any]
+) -> tuple[np.ndarray, bool]:
     if held:
         return _toward(ee, ee, -1.0), True
     graspable = [o for o in objects.values() if o["kind"] == "cube"]
@@ -226,8 +231,9 @@ def free_spot(priv: Mapping[str, Any], held: str) -> np.ndarray:
     return _SPOTS[int(np.argmax(gap.min(axis=1)))]
 
 
-def _push(ee: np.ndarray, priv: Mapping[str, Any], block: str,
-          goal: str) -> tuple[np.ndarray, bool]:  # fmt: skip
+def _push(
+    ee: np.ndarray, priv: Mapping[str, Any], block: str, goal: str
+) -> tuple[np.ndarray, bool]:
     objects = priv["objects"]
     b = np.asarray(objects[block]["pos"], dtype=float)[:2]
     g = np.asarray(objects[goal]["pos"], dtype=float)[:2]

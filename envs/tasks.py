@@ -33,8 +33,13 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "purple": (0.55, 0.2, 0.75),
     "orange": (1.0, 0.5, 0.05),
 }
-HALF_SIZE = {"cube": CUBE_HALF, "block": BLOCK_HALF, "pad": PAD_HALF, "bin": BIN_HALF + 0.005,
-             "target": TARGET_RADIUS}  # fmt: skip
+HALF_SIZE = {
+    "cube": CUBE_HALF,
+    "block": BLOCK_HALF,
+    "pad": PAD_HALF,
+    "bin": BIN_HALF + 0.005,
+    "target": TARGET_RADIUS,
+}
 PUSH_TOLERANCE = 0.03
 REACH = 0.62  # horizontal reach of the gripper at push height, from the arm base
 
@@ -138,8 +143,10 @@ def _sample_positions(
         for name in order:
             for _ in range(200):
                 xy = (float(rng.uniform(*WORKSPACE_X)), float(rng.uniform(*WORKSPACE_Y)))
-                if all(np.hypot(xy[0] - p[0], xy[1] - p[1])
-                       > _clearance(kinds[name], kinds[other]) for other, p in placed.items()):  # fmt: skip
+                if all(
+                    np.hypot(xy[0] - p[0], xy[1] - p[1]) > _clearance(kinds[name], kinds[other])
+                    for other, p in placed.items()
+                ):
                     placed[name] = xy
                     break
             else:
@@ -191,8 +198,14 @@ def cubes_above(priv: Mapping[str, Any], name: str) -> list[str]:
     """Cubes stacked on top of object `name`, topmost first."""
     objects = priv["objects"]
     x, y, z = objects[name]["pos"]
-    above = [(c, o["pos"][2]) for c, o in objects.items() if o["kind"] == "cube" and c != name
-             and math.hypot(o["pos"][0] - x, o["pos"][1] - y) < 0.03 and o["pos"][2] > z + 0.01]  # fmt: skip
+    above = [
+        (c, o["pos"][2])
+        for c, o in objects.items()
+        if o["kind"] == "cube"
+        and c != name
+        and math.hypot(o["pos"][0] - x, o["pos"][1] - y) < 0.03
+        and o["pos"][2] > z + 0.01
+    ]
     return [c for c, _ in sorted(above, key=lambda item: -item[1])]
 
 
@@ -206,9 +219,14 @@ def occupants(priv: Mapping[str, Any], dest: str, obj: str) -> list[str]:
     x, y, _ = objects[dest]["pos"]
     reach = HALF_SIZE[objects[dest]["kind"]] + CUBE_HALF
     welcome = {o for o, d in priv["goal"]["pairs"] if d == dest and placed(priv, o, dest)}
-    inside = [(c, o["pos"][2]) for c, o in objects.items()
-              if o["kind"] == "cube" and c != obj and c not in welcome
-              and max(abs(o["pos"][0] - x), abs(o["pos"][1] - y)) < reach]  # fmt: skip
+    inside = [
+        (c, o["pos"][2])
+        for c, o in objects.items()
+        if o["kind"] == "cube"
+        and c != obj
+        and c not in welcome
+        and max(abs(o["pos"][0] - x), abs(o["pos"][1] - y)) < reach
+    ]
     return [c for c, _ in sorted(inside, key=lambda item: -item[1])]
 
 

@@ -71,22 +71,46 @@ def main() -> int:
 
     print(f"== 1. serve: {args.env} with the oracle backend on {endpoint} ==", flush=True)
     server = subprocess.Popen(
-        [str(BIN / "agent"), "serve", "--env", args.env, "--bind", endpoint,
-         "--record", str(episodes_dir), "--quiet"],
+        [
+            str(BIN / "agent"),
+            "serve",
+            "--env",
+            args.env,
+            "--bind",
+            endpoint,
+            "--record",
+            str(episodes_dir),
+            "--quiet",
+        ],
         cwd=ROOT,
-    )  # fmt: skip
+    )
     try:
         meta = wait_until_serving(endpoint, server, timeout_s=120)
-        print(f"   handshake: protocol {meta.get('protocol')}, "
-              f"backend {meta.get('backend')}", flush=True)  # fmt: skip
+        print(
+            f"   handshake: protocol {meta.get('protocol')}, backend {meta.get('backend')}",
+            flush=True,
+        )
 
         print(f"== 2. robots: {args.robots} robots, {args.episodes} episodes ==", flush=True)
         loop = subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "robot_loop.py"), "--endpoint", endpoint,
-             "--env", args.env, "--robots", str(args.robots), "--episodes", str(args.episodes),
-             "--json"],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True, timeout=1800,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(ROOT / "examples" / "robot_loop.py"),
+                "--endpoint",
+                endpoint,
+                "--env",
+                args.env,
+                "--robots",
+                str(args.robots),
+                "--episodes",
+                str(args.episodes),
+                "--json",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            timeout=1800,
+        )
         print(loop.stdout, end="", flush=True)
         if loop.returncode != 0:
             print("robot loop failed", file=sys.stderr)

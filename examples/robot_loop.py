@@ -48,8 +48,9 @@ def robot(index: int, args: argparse.Namespace) -> int:
         from envs.plugin import RemotePolicy, run_episode
 
         env = make_env(args.env)
-        client = AgentClient(args.endpoint, timeout_ms=args.timeout_ms, retries=1,
-                             robot_id=f"robot-{index}")  # fmt: skip
+        client = AgentClient(
+            args.endpoint, timeout_ms=args.timeout_ms, retries=1, robot_id=f"robot-{index}"
+        )
         policy = RemotePolicy(client)
         for k in range(args.robot_episodes):
             start = time.time()
@@ -67,9 +68,22 @@ def launch(
     index: int, episodes: int, args: argparse.Namespace, out: queue.Queue
 ) -> subprocess.Popen:
     """Start robot `index` as a subprocess; a thread forwards its JSON lines to `out`."""
-    cmd = [sys.executable, __file__, "--robot-index", str(index), "--robot-episodes",
-           str(episodes), "--endpoint", args.endpoint, "--env", args.env, "--seed",
-           str(args.seed), "--timeout-ms", str(args.timeout_ms)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--robot-index",
+        str(index),
+        "--robot-episodes",
+        str(episodes),
+        "--endpoint",
+        args.endpoint,
+        "--env",
+        args.env,
+        "--seed",
+        str(args.seed),
+        "--timeout-ms",
+        str(args.timeout_ms),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
 
     def forward() -> None:
@@ -127,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out: queue.Queue = queue.Queue()
     shares = [n for n in split(args.episodes, args.robots) if n > 0]
-    print(f"robot loop: {len(shares)} robots × {args.env} → {args.endpoint}, "
-          f"{args.episodes} episodes", flush=True)  # fmt: skip
+    print(
+        f"robot loop: {len(shares)} robots × {args.env} → {args.endpoint}, "
+        f"{args.episodes} episodes",
+        flush=True,
+    )
     procs = [launch(i, n, args, out) for i, n in enumerate(shares)]
 
     results: list[dict[str, Any]] = []
@@ -146,10 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(payload)
                 bar.update(1)
                 outcome = {True: "success", False: "FAILED", None: "ended"}[payload["success"]]
-                bar.write(f"robot {index}  episode {len(results):3d}  {outcome:7s}  "
-                          f"{payload['decisions']:3d} decisions  "
-                          f"median {np.median(payload['latencies_ms']):6.2f} ms  "
-                          f"reward {payload['total_reward']:8.2f}")  # fmt: skip
+                bar.write(
+                    f"robot {index}  episode {len(results):3d}  {outcome:7s}  "
+                    f"{payload['decisions']:3d} decisions  "
+                    f"median {np.median(payload['latencies_ms']):6.2f} ms  "
+                    f"reward {payload['total_reward']:8.2f}"
+                )
             elif kind == "error":
                 errors.append(f"robot {index} failed:\n{payload}")
             else:
@@ -170,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     p99 = summary["p99_ms"] or float("nan")
     rate = summary["success_rate"]
     rate_text = "n/a (env reports no success)" if rate is None else f"{rate:.0%}"
-    print(f"success rate {rate_text} over {summary['episodes']} episodes · "
-          f"{summary['decisions']} decisions · latency p50 {p50:.2f} ms, p99 {p99:.2f} ms · "
-          f"{summary['decisions_per_s']:.1f} decisions/s", flush=True)  # fmt: skip
+    print(
+        f"success rate {rate_text} over {summary['episodes']} episodes · "
+        f"{summary['decisions']} decisions · latency p50 {p50:.2f} ms, p99 {p99:.2f} ms · "
+        f"{summary['decisions_per_s']:.1f} decisions/s",
+        flush=True,
+    )
     if args.json:
         print(json.dumps(summary), flush=True)
     return 1 if errors else 0

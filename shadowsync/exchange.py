@@ -27,9 +27,13 @@ class RoundResult:
 
 
 def run_round(
-    params: Sequence[torch.Tensor], rule: Rule, name: str, n: int, stop: bool = False,
+    params: Sequence[torch.Tensor],
+    rule: Rule,
+    name: str,
+    n: int,
+    stop: bool = False,
     poll_interval: float = 0.001,
-) -> RoundResult:  # fmt: skip
+) -> RoundResult:
     """Snapshot, exchange and apply one round of `rule`; returns whether all ranks stop now."""
     snapshot = flatten(params)
     contribution = rule.outgoing(snapshot)

@@ -55,9 +55,11 @@ class Hogwild:
             self.on_step(1)
 
     def run(
-        self, loss_fn: Callable[[Any], torch.Tensor], shards: Sequence[Iterable[Any]],
+        self,
+        loss_fn: Callable[[Any], torch.Tensor],
+        shards: Sequence[Iterable[Any]],
         batch_size: Callable[[Any], int] = len,
-    ) -> HogwildStats:  # fmt: skip
+    ) -> HogwildStats:
         """Train one worker thread per shard (an iterable of batches) until all are done.
 
         The first worker error is re-raised here after all workers have stopped.
@@ -80,13 +82,16 @@ class Hogwild:
                 errors.append(exc)
                 stop.set()
 
-        threads = [threading.Thread(target=work, args=(i,), name=f"hogwild-{i}", daemon=True)
-                   for i in range(len(shards))]  # fmt: skip
+        threads = [
+            threading.Thread(target=work, args=(i,), name=f"hogwild-{i}", daemon=True)
+            for i in range(len(shards))
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         if errors:
             raise RuntimeError("a Hogwild worker failed") from errors[0]
-        return HogwildStats(iterations=sum(c[0] for c in counts),
-                            examples=sum(c[1] for c in counts))  # fmt: skip
+        return HogwildStats(
+            iterations=sum(c[0] for c in counts), examples=sum(c[1] for c in counts)
+        )

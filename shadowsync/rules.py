@@ -162,9 +162,13 @@ class BlockMomentum(Rule):
         if self.global_w is None or self.momentum is None or self.block_momentum is None:
             raise RuntimeError("BlockMomentum.start() was not called")
         self.global_w, self.momentum, target = bmuf_update(
-            self.global_w, self.momentum, total / n, self.block_momentum, self.block_lr,
+            self.global_w,
+            self.momentum,
+            total / n,
+            self.block_momentum,
+            self.block_lr,
             self.nesterov,
-        )  # fmt: skip
+        )
         return target - w
 
 

@@ -131,9 +131,13 @@ class ShadowSync:
                 with self._lock:
                     iterations_at_round = self._stats.worker_iterations
                 result = run_round(
-                    self.params, self.rule, f"{self.name}.round", self._size,
-                    stop=self._stop.is_set(), poll_interval=self.poll_interval,
-                )  # fmt: skip
+                    self.params,
+                    self.rule,
+                    f"{self.name}.round",
+                    self._size,
+                    stop=self._stop.is_set(),
+                    poll_interval=self.poll_interval,
+                )
                 with self._lock:
                     self._stats.rounds += 1
                     self._stats.bytes_sent += result.bytes_sent

@@ -18,8 +18,17 @@ def horovodrun(
 ) -> subprocess.CompletedProcess:
     """Launch `script` on `np_` local ranks with Gloo; fail (never hang) after `timeout` s."""
     launcher = Path(sys.executable).with_name("horovodrun")
-    cmd = [str(launcher), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo",
-           sys.executable, str(script), *args]  # fmt: skip
+    cmd = [
+        str(launcher),
+        "-np",
+        str(np_),
+        "-H",
+        f"localhost:{np_}",
+        "--gloo",
+        sys.executable,
+        str(script),
+        *args,
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired as exc:

@@ -29,8 +29,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def running_server(backend: Backend | None = None, spec: ObservationSpec | None = None,
-                   **config) -> contextlib.AbstractContextManager[Server]:  # fmt: skip
+def running_server(
+    backend: Backend | None = None, spec: ObservationSpec | None = None, **config
+) -> contextlib.AbstractContextManager[Server]:
     """A real server on a loopback port, its loop in a thread; stopped (and joined) on exit."""
     backend = backend or ZeroBackend(TEST_ENV)
     env = EnvDescription(backend.env, spec or ObservationSpec(), {"env_id": backend.env.env_id})
@@ -64,8 +65,9 @@ def serve_subprocess(port: int, *args: str) -> subprocess.Popen:
     agent = Path(sys.executable).with_name("agent")
     cmd = [str(agent), "serve", "--bind", f"tcp://127.0.0.1:{port}", "--quiet", *args]
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def wait_ready(endpoint: str, attempts: int = 60) -> dict:

@@ -134,8 +134,12 @@ def test_backend_failure_only_hits_the_robot_that_caused_it():
                 results[name] = exc.code
 
     with running_server(backend, max_batch=8, batch_timeout_ms=200) as server:
-        threads = [threading.Thread(target=robot, args=(f"r{i}", "bad" if i == 0 else "ok", server.endpoint))
-                   for i in range(4)]  # fmt: skip
+        threads = [
+            threading.Thread(
+                target=robot, args=(f"r{i}", "bad" if i == 0 else "ok", server.endpoint)
+            )
+            for i in range(4)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -149,8 +153,12 @@ def test_end_episode_records_full_transitions(tmp_path):
         AgentClient(server.endpoint, timeout_ms=5000) as client,
     ):
         for step in range(3):
-            client.decide(episode_id="ep-1", step=step, state=np.full(2, step, np.float32),
-                          reward=None if step == 0 else float(step))  # fmt: skip
+            client.decide(
+                episode_id="ep-1",
+                step=step,
+                state=np.full(2, step, np.float32),
+                reward=None if step == 0 else float(step),
+            )
         ended = client.end_episode("ep-1", reward=10.0, terminated=True, success=True)
     assert ended == {"episode_id": "ep-1", "steps": 3, "recorded": True}
     (episode,) = list(iter_episodes(tmp_path))
@@ -161,8 +169,10 @@ def test_end_episode_records_full_transitions(tmp_path):
 
 
 def test_quiet_robot_gets_its_episode_closed_as_truncated(tmp_path):
-    with running_server(record_dir=tmp_path, episode_timeout_s=0.3) as server, \
-            AgentClient(server.endpoint, timeout_ms=5000) as client:  # fmt: skip
+    with (
+        running_server(record_dir=tmp_path, episode_timeout_s=0.3) as server,
+        AgentClient(server.endpoint, timeout_ms=5000) as client,
+    ):
         client.decide(episode_id="gone", step=0)
         deadline = time.monotonic() + 10
         while server.stats()["recorded_episodes"] < 1 and time.monotonic() < deadline:
@@ -221,8 +231,10 @@ class Reloading(Backend):
 
 
 def test_server_asks_the_backend_for_new_weights_periodically():
-    with running_server(Reloading(TEST_ENV), reload_every_s=0.05) as server, \
-            AgentClient(server.endpoint, timeout_ms=5000) as client:  # fmt: skip
+    with (
+        running_server(Reloading(TEST_ENV), reload_every_s=0.05) as server,
+        AgentClient(server.endpoint, timeout_ms=5000) as client,
+    ):
         first = int(client.decide(episode_id="r", step=0).model_version)
         time.sleep(0.8)
         later = int(client.decide(episode_id="r", step=1).model_version)

@@ -52,11 +52,18 @@ def checkpoints(tmp_path_factory):
 
 def observations(n: int, sim: dict | None = None) -> list[Observation]:
     rng = np.random.default_rng(0)
-    return [Observation(robot_id=f"robot{i}", episode_id=f"ep{i}", step=0,
-                        instruction="put the red cube on the green pad",
-                        images={"image": rng.integers(0, 255, (96 + 16 * i, 128, 3), np.uint8)},
-                        options=OPTIONS[: 2 + i % 2], sim=sim)
-            for i in range(n)]  # fmt: skip
+    return [
+        Observation(
+            robot_id=f"robot{i}",
+            episode_id=f"ep{i}",
+            step=0,
+            instruction="put the red cube on the green pad",
+            images={"image": rng.integers(0, 255, (96 + 16 * i, 128, 3), np.uint8)},
+            options=OPTIONS[: 2 + i % 2],
+            sim=sim,
+        )
+        for i in range(n)
+    ]
 
 
 def test_reason1_batch_in_one_generate_maps_letter_to_skill(checkpoints):
@@ -99,12 +106,15 @@ def test_reason2_point_answer_becomes_a_point(checkpoints):
 
 
 def test_unparseable_answer_is_retried_with_more_tokens_then_falls_back(checkpoints):
-    backend = load_backend("cosmos", ENV, str(checkpoints["cut_off"]), fallback="first",
-                           retries="2", **GREEDY)  # fmt: skip
+    backend = load_backend(
+        "cosmos", ENV, str(checkpoints["cut_off"]), fallback="first", retries="2", **GREEDY
+    )
     decisions = backend.decide(observations(2))
     assert [d.skill_index for d in decisions] == [0, 0]
-    assert all(d.reasoning.startswith("[cosmos fallback: unparseable answer] <think>hmm")
-               for d in decisions)  # fmt: skip
+    assert all(
+        d.reasoning.startswith("[cosmos fallback: unparseable answer] <think>hmm")
+        for d in decisions
+    )
     stats = backend.stats()
     assert stats["generate_calls"] == 3 and stats["retried"] == 4
     assert stats["fallbacks"] == 2 and stats["fallback_first"] == 2
@@ -116,8 +126,15 @@ def test_oracle_fallback_uses_the_privileged_state(checkpoints):
     sim = env.privileged_state()
     env.close()
     backend = load_backend("cosmos", ENV, str(checkpoints["cut_off"]), retries="0", **GREEDY)
-    obs = Observation("robot", "ep", 0, info["instruction"],
-                      {"image": np.zeros((64, 64, 3), np.uint8)}, options=info["options"], sim=sim)  # fmt: skip
+    obs = Observation(
+        "robot",
+        "ep",
+        0,
+        info["instruction"],
+        {"image": np.zeros((64, 64, 3), np.uint8)},
+        options=info["options"],
+        sim=sim,
+    )
     no_sim = Observation("robot2", "ep2", 0, info["instruction"], options=info["options"])
     with_sim, without_sim = backend.decide([obs, no_sim])
     expected = envs.oracle.decide(sim, info["options"])
@@ -129,8 +146,15 @@ def test_oracle_fallback_uses_the_privileged_state(checkpoints):
 
 
 def test_random_model_never_crashes_and_counts_every_outcome(checkpoints):
-    backend = load_backend("cosmos", ENV, str(checkpoints["random"]), temperature="0",
-                           max_new_tokens="12", retries="1", fallback="noop")  # fmt: skip
+    backend = load_backend(
+        "cosmos",
+        ENV,
+        str(checkpoints["random"]),
+        temperature="0",
+        max_new_tokens="12",
+        retries="1",
+        fallback="noop",
+    )
     decisions = backend.decide(observations(4))
     assert len(decisions) == 4
     stats = backend.stats()
@@ -149,8 +173,15 @@ def test_observation_without_options_is_not_asked(checkpoints):
 
 @pytest.mark.parametrize("name", ["random", "random_r2"])
 def test_left_padded_batch_decodes_each_robot_as_if_alone(checkpoints, name):
-    backend = load_backend("cosmos", ENV, str(checkpoints[name]), temperature="0",
-                           max_new_tokens="10", retries="0", fallback="first")  # fmt: skip
+    backend = load_backend(
+        "cosmos",
+        ENV,
+        str(checkpoints[name]),
+        temperature="0",
+        max_new_tokens="10",
+        retries="0",
+        fallback="first",
+    )
     batch = observations(3)  # different image sizes and menus: different prompt lengths
     together = [d.reasoning for d in backend.decide(batch)]
     alone = [backend.decide([obs])[0].reasoning for obs in batch]
@@ -191,10 +222,15 @@ def _robot_episode(endpoint: str, steps: int, *, use_points: bool = False) -> li
     replies = []
     with AgentClient(endpoint, timeout_ms=60_000) as client:
         for step in range(steps):
-            reply = client.decide(episode_id="episode-0", step=step,
-                                  images={"image": obs["image"]}, state=obs["state"],
-                                  instruction=info["instruction"], options=info["options"],
-                                  sim=env.privileged_state())  # fmt: skip
+            reply = client.decide(
+                episode_id="episode-0",
+                step=step,
+                images={"image": obs["image"]},
+                state=obs["state"],
+                instruction=info["instruction"],
+                options=info["options"],
+                sim=env.privileged_state(),
+            )
             replies.append(reply)
             decision = reply.decision
             if use_points and decision.point is not None:
@@ -208,10 +244,12 @@ def _robot_episode(endpoint: str, steps: int, *, use_points: bool = False) -> li
 
 def test_in_process_server_drives_a_simulated_robot_and_records_reasoning(checkpoints, tmp_path):
     description = describe_env("tabletop/PickPlace-v0")
-    backend = load_backend("cosmos", description.info, str(checkpoints["r2_point"]),
-                           points="true", **GREEDY)  # fmt: skip
-    server = Server(backend, ServerConfig(bind="tcp://127.0.0.1:0", record_dir=tmp_path),
-                    description)  # fmt: skip
+    backend = load_backend(
+        "cosmos", description.info, str(checkpoints["r2_point"]), points="true", **GREEDY
+    )
+    server = Server(
+        backend, ServerConfig(bind="tcp://127.0.0.1:0", record_dir=tmp_path), description
+    )
     endpoint = server.bind()
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -230,9 +268,19 @@ def test_in_process_server_drives_a_simulated_robot_and_records_reasoning(checkp
 @pytest.mark.timeout(300)
 def test_agent_serve_cli_with_a_save_pretrained_directory(checkpoints):
     port = free_port()
-    proc = serve_subprocess(port, "--env", "tabletop/PickPlace-v0", "--backend", "cosmos",
-                            "--model", str(checkpoints["r1"]), "--backend-opt", "retries=0",
-                            "--backend-opt", "fallback=noop")  # fmt: skip
+    proc = serve_subprocess(
+        port,
+        "--env",
+        "tabletop/PickPlace-v0",
+        "--backend",
+        "cosmos",
+        "--model",
+        str(checkpoints["r1"]),
+        "--backend-opt",
+        "retries=0",
+        "--backend-opt",
+        "fallback=noop",
+    )
     try:
         metadata = wait_ready(f"tcp://127.0.0.1:{port}", attempts=240)
         assert metadata["backend"] == "cosmos"
@@ -253,9 +301,24 @@ def test_benchmark_tiny_mode_prints_json_rows():
 
     from tests.runtime_fixtures import ROOT
 
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cosmos_decide.py"), "--tiny",
-                           "--json", "--robots", "4", "--tokens", "4", "--seconds", "2"],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "cosmos_decide.py"),
+            "--tiny",
+            "--json",
+            "--robots",
+            "4",
+            "--tokens",
+            "4",
+            "--seconds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert [(r["robots"], r["max_batch"]) for r in result["rows"]] == [(4, 1), (4, 4)]

@@ -25,8 +25,10 @@ def test_keys_command_writes_an_authorised_pair(keys):
 
 
 def test_authorised_robot_is_served(keys):
-    with running_server(curve_dir=keys) as server, \
-            AgentClient(server.endpoint, timeout_ms=5000, curve=client_keys(keys, "robot")) as client:  # fmt: skip
+    with (
+        running_server(curve_dir=keys) as server,
+        AgentClient(server.endpoint, timeout_ms=5000, curve=client_keys(keys, "robot")) as client,
+    ):
         assert client.decide(episode_id="e", step=0, state=np.zeros(3, np.float32)).step == 0
 
 

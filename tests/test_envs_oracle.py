@@ -47,8 +47,20 @@ def test_contact_sheet_png(tmp_path):
     from envs import contact_sheet
 
     out = tmp_path / "sheet.png"
-    args = ["--out", str(out), "--env", "tabletop/PickPlace-v0", "--env", "tabletop/Push-v0",
-            "--size", "48", "--tile", "64", "--max-cols", "4"]  # fmt: skip
+    args = [
+        "--out",
+        str(out),
+        "--env",
+        "tabletop/PickPlace-v0",
+        "--env",
+        "tabletop/Push-v0",
+        "--size",
+        "48",
+        "--tile",
+        "64",
+        "--max-cols",
+        "4",
+    ]
     assert contact_sheet.main(args) == 0
     image = Image.open(out)
     assert image.format == "PNG" and image.width > 4 * 64 and image.height > 2 * 64

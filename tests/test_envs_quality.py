@@ -54,8 +54,9 @@ def test_seeds_randomise_colours_positions_and_wording():
         priv = env.unwrapped.privileged_state()
         scenes.add((obs["instruction"], tuple(sorted(priv["objects"]))))
     assert len(scenes) == 8
-    wordings = {obs["instruction"].split(" the ")[0] for obs in
-                (env.reset(seed=s)[0] for s in range(20))}  # fmt: skip
+    wordings = {
+        obs["instruction"].split(" the ")[0] for obs in (env.reset(seed=s)[0] for s in range(20))
+    }
     assert len(wordings) >= 3
 
 
@@ -108,8 +109,10 @@ def test_projection_agrees_with_the_rendered_image():
         u, v = cam.project(top).round().astype(int)
         rgb = obs["image"][v - 1 : v + 2, u - 1 : u + 2].reshape(-1, 3).mean(0) / 255
         want = np.array(tasks.COLORS[obj["color"]])
-        dist = {c: np.linalg.norm(rgb / rgb.max() - np.array(p) / max(p))
-                for c, p in tasks.COLORS.items()}  # fmt: skip
+        dist = {
+            c: np.linalg.norm(rgb / rgb.max() - np.array(p) / max(p))
+            for c, p in tasks.COLORS.items()
+        }
         assert min(dist, key=dist.get) == obj["color"], (name, rgb, want)
 
 

@@ -18,11 +18,14 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_import_registers_ids_without_mujoco():
-    code = ("import sys, gymnasium, envs, envs.oracle\n"
-            "ids = sorted(i for i in gymnasium.registry if i.startswith('tabletop/'))\n"
-            "print(ids, 'mujoco' in sys.modules)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout  # fmt: skip
+    code = (
+        "import sys, gymnasium, envs, envs.oracle\n"
+        "ids = sorted(i for i in gymnasium.registry if i.startswith('tabletop/'))\n"
+        "print(ids, 'mujoco' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     assert out.strip() == (
         "['tabletop/PickPlace-v0', 'tabletop/Push-v0', 'tabletop/Sort-v0', 'tabletop/Stack-v0'] False"
     )
@@ -112,8 +115,13 @@ def test_readme_environments_snippet_runs():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Environments", 1)[1]
     snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
-    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
-                          timeout=90, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", snippet],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("success: True")
     assert "grasp - " in proc.stdout

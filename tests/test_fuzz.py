@@ -36,10 +36,18 @@ def raw(server):
 
 
 def valid_message(request_id=1):
-    return P.unpackb(P.encode_decide(request_id, "fuzz-robot", "fuzz-ep", 0,
-                                     images={"image": np.zeros((8, 8, 3), np.uint8)},
-                                     state=np.zeros(14, np.float32), instruction="go",
-                                     options=["a"]))  # fmt: skip
+    return P.unpackb(
+        P.encode_decide(
+            request_id,
+            "fuzz-robot",
+            "fuzz-ep",
+            0,
+            images={"image": np.zeros((8, 8, 3), np.uint8)},
+            state=np.zeros(14, np.float32),
+            instruction="go",
+            options=["a"],
+        )
+    )
 
 
 def exchange(sock, payload: bytes) -> P.Reply:
@@ -54,14 +62,37 @@ def assert_still_serving(server):
     assert reply.step == 1
 
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
-                    st.binary(max_size=40))  # fmt: skip
-values = st.recursive(scalars, lambda kids: st.one_of(
-    st.lists(kids, max_size=4), st.dictionaries(st.one_of(st.text(max_size=8), st.binary(max_size=8)),
-                                                kids, max_size=4)), max_leaves=12)  # fmt: skip
-FIELDS = ["type", "protocol", "request_id", "robot_id", "episode_id", "step", "reward", "observation",
-          "obs:images", "obs:state", "obs:instruction", "obs:options", "obs:sim"]  # fmt: skip
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
+    st.binary(max_size=40),
+)
+values = st.recursive(
+    scalars,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4),
+        st.dictionaries(st.one_of(st.text(max_size=8), st.binary(max_size=8)), kids, max_size=4),
+    ),
+    max_leaves=12,
+)
+FIELDS = [
+    "type",
+    "protocol",
+    "request_id",
+    "robot_id",
+    "episode_id",
+    "step",
+    "reward",
+    "observation",
+    "obs:images",
+    "obs:state",
+    "obs:instruction",
+    "obs:options",
+    "obs:sim",
+]
 
 
 @FUZZ
@@ -115,8 +146,14 @@ def test_wrong_arrays_get_error_replies(raw, target, dtype, shape, consistent):
 
 
 @FUZZ
-@given(st.one_of(st.integers(-5, 1000).filter(lambda v: v != P.PROTOCOL_VERSION), st.text(max_size=4),
-                 st.none(), st.floats()))  # fmt: skip
+@given(
+    st.one_of(
+        st.integers(-5, 1000).filter(lambda v: v != P.PROTOCOL_VERSION),
+        st.text(max_size=4),
+        st.none(),
+        st.floats(),
+    )
+)
 def test_other_protocol_versions_are_refused_clearly(raw, version):
     msg = valid_message()
     msg["protocol"] = version

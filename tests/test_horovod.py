@@ -12,8 +12,9 @@ MP = Path(__file__).parent / "mp"
 
 def test_check_build_lists_pytorch_and_gloo():
     launcher = Path(sys.executable).with_name("horovodrun")
-    out = subprocess.run([str(launcher), "--check-build"], capture_output=True, text=True,
-                         timeout=60, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [str(launcher), "--check-build"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     assert "[X] PyTorch" in out
     assert "[X] Gloo" in out
 

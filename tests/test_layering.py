@@ -61,8 +61,9 @@ def test_cli_help_imports_nothing_heavy():
         "heavy = {'torch', 'transformers', 'onnxruntime', 'horovod', 'mujoco'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 

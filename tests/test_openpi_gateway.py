@@ -30,9 +30,12 @@ def openpi_pack(obj):
 
 
 def libero_observation(step=0):
-    return {"observation/image": np.zeros((16, 16, 3), np.uint8),
-            "observation/wrist_image": np.zeros((3, 16, 16), np.uint8),
-            "observation/state": np.full(8, step, np.float64), "prompt": "open the drawer"}  # fmt: skip
+    return {
+        "observation/image": np.zeros((16, 16, 3), np.uint8),
+        "observation/wrist_image": np.zeros((3, 16, 16), np.uint8),
+        "observation/state": np.full(8, step, np.float64),
+        "prompt": "open the drawer",
+    }
 
 
 class EchoStep(Backend):

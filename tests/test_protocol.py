@@ -14,8 +14,12 @@ from agent.batching import BatchPolicy, CallCost, RobotActivity
 def openpi_pack_array(obj):
     """The encoding openpi's msgpack_numpy uses, written out independently."""
     if isinstance(obj, np.ndarray):
-        return {b"__ndarray__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str,
-                b"shape": obj.shape}  # fmt: skip
+        return {
+            b"__ndarray__": True,
+            b"data": obj.tobytes(),
+            b"dtype": obj.dtype.str,
+            b"shape": obj.shape,
+        }
     return obj
 
 
@@ -43,12 +47,15 @@ def test_numpy_scalars_round_trip():
     assert P.unpackb(P.packb(np.float32(1.5))) == np.float32(1.5)
 
 
-@pytest.mark.parametrize("header", [
-    {b"__ndarray__": True, b"data": b"\0" * 3, b"dtype": "<f4", b"shape": [1]},
-    {b"__ndarray__": True, b"data": b"", b"dtype": "|O", b"shape": [0]},
-    {b"__ndarray__": True, b"data": b"\0" * 4, b"dtype": "<f4", b"shape": [-1]},
-    {b"__ndarray__": True, b"data": "text", b"dtype": "<f4", b"shape": [1]},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "header",
+    [
+        {b"__ndarray__": True, b"data": b"\0" * 3, b"dtype": "<f4", b"shape": [1]},
+        {b"__ndarray__": True, b"data": b"", b"dtype": "|O", b"shape": [0]},
+        {b"__ndarray__": True, b"data": b"\0" * 4, b"dtype": "<f4", b"shape": [-1]},
+        {b"__ndarray__": True, b"data": "text", b"dtype": "<f4", b"shape": [1]},
+    ],
+)
 def test_bad_array_headers_are_refused(header):
     with pytest.raises(P.ProtocolError) as err:
         P.unpackb(msgpack.packb(header))
@@ -56,9 +63,20 @@ def test_bad_array_headers_are_refused(header):
 
 
 def decide_message(**overrides):
-    msg = P.unpackb(P.encode_decide(7, "robot-1", "ep-1", 3, images={"image": np.zeros((4, 4, 3), np.uint8)},
-                                    state=np.ones(5, np.float32), instruction="pick",
-                                    options=["a", "b"], sim={"x": np.ones(2)}, reward=0.5))  # fmt: skip
+    msg = P.unpackb(
+        P.encode_decide(
+            7,
+            "robot-1",
+            "ep-1",
+            3,
+            images={"image": np.zeros((4, 4, 3), np.uint8)},
+            state=np.ones(5, np.float32),
+            instruction="pick",
+            options=["a", "b"],
+            sim={"x": np.ones(2)},
+            reward=0.5,
+        )
+    )
     for key, value in overrides.items():
         if key.startswith("obs_"):
             msg["observation"][key[4:]] = value
@@ -83,25 +101,28 @@ def test_valid_decide_request_parses():
     np.testing.assert_array_equal(obs.sim["x"], np.ones(2))
 
 
-@pytest.mark.parametrize(("overrides", "code"), [
-    ({"protocol": 0}, P.VERSION_MISMATCH),
-    ({"protocol": 99}, P.VERSION_MISMATCH),
-    ({"type": "teleport"}, P.UNKNOWN_TYPE),
-    ({"request_id": True}, P.BAD_REQUEST),
-    ({"request_id": -1}, P.BAD_REQUEST),
-    ({"episode_id": "../../etc/passwd"}, P.BAD_REQUEST),
-    ({"step": "3"}, P.BAD_REQUEST),
-    ({"reward": math.nan}, P.BAD_REQUEST),
-    ({"obs_state": np.array([1.0, np.nan], np.float32)}, P.BAD_OBSERVATION),
-    ({"obs_state": np.ones(5, np.float64)}, P.BAD_OBSERVATION),
-    ({"obs_state": np.ones((5, 1), np.float32)}, P.BAD_OBSERVATION),
-    ({"obs_images": {"image": np.zeros((4, 4, 3), np.float32)}}, P.BAD_OBSERVATION),
-    ({"obs_images": {"image": np.zeros((4, 4), np.uint8)}}, P.BAD_OBSERVATION),
-    ({"obs_options": "a, b"}, P.BAD_OBSERVATION),
-    ({"obs_instruction": 5}, P.BAD_OBSERVATION),
-    ({"obs_sim": [1, 2]}, P.BAD_OBSERVATION),
-    ({"observation": None}, P.BAD_REQUEST),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"protocol": 0}, P.VERSION_MISMATCH),
+        ({"protocol": 99}, P.VERSION_MISMATCH),
+        ({"type": "teleport"}, P.UNKNOWN_TYPE),
+        ({"request_id": True}, P.BAD_REQUEST),
+        ({"request_id": -1}, P.BAD_REQUEST),
+        ({"episode_id": "../../etc/passwd"}, P.BAD_REQUEST),
+        ({"step": "3"}, P.BAD_REQUEST),
+        ({"reward": math.nan}, P.BAD_REQUEST),
+        ({"obs_state": np.array([1.0, np.nan], np.float32)}, P.BAD_OBSERVATION),
+        ({"obs_state": np.ones(5, np.float64)}, P.BAD_OBSERVATION),
+        ({"obs_state": np.ones((5, 1), np.float32)}, P.BAD_OBSERVATION),
+        ({"obs_images": {"image": np.zeros((4, 4, 3), np.float32)}}, P.BAD_OBSERVATION),
+        ({"obs_images": {"image": np.zeros((4, 4), np.uint8)}}, P.BAD_OBSERVATION),
+        ({"obs_options": "a, b"}, P.BAD_OBSERVATION),
+        ({"obs_instruction": 5}, P.BAD_OBSERVATION),
+        ({"obs_sim": [1, 2]}, P.BAD_OBSERVATION),
+        ({"observation": None}, P.BAD_REQUEST),
+    ],
+)
 def test_bad_requests_get_codes(overrides, code):
     with pytest.raises(P.ProtocolError) as err:
         P.parse_request(decide_message(**overrides))
@@ -127,8 +148,13 @@ def test_peek_ids_recovers_ids_of_invalid_requests():
 
 def test_decision_reply_round_trip():
     req = P.parse_request(decide_message())
-    dec = Decision(action=np.array([1, 2, 3, 4], np.float32), skill_index=1, skill="b",
-                   point=(500.0, 250.0), reasoning="because")  # fmt: skip
+    dec = Decision(
+        action=np.array([1, 2, 3, 4], np.float32),
+        skill_index=1,
+        skill="b",
+        point=(500.0, 250.0),
+        reasoning="because",
+    )
     reply = P.parse_reply(P.encode_decision(req, dec, "m", "3", {"queue_ms": 0.1}))
     assert (reply.type, reply.request_id, reply.episode_id, reply.step) == (
         "decision",

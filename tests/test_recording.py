@@ -26,10 +26,21 @@ pytestmark = pytest.mark.timeout(90)
 def buffer_with_steps(episode_id="ep", steps=3):
     buf = EpisodeBuffer(episode_id, "robot", "test/Null-v0")
     for t in range(steps):
-        obs = Observation("robot", episode_id, t, "pick it", {"image": np.full((4, 5, 3), t, np.uint8)},
-                          np.full(2, t, np.float32), ["a", "b"])  # fmt: skip
-        dec = Decision(action=np.full(4, t, np.float32), skill_index=t % 2, skill="ab"[t % 2],
-                       reasoning=f"because {t}")  # fmt: skip
+        obs = Observation(
+            "robot",
+            episode_id,
+            t,
+            "pick it",
+            {"image": np.full((4, 5, 3), t, np.uint8)},
+            np.full(2, t, np.float32),
+            ["a", "b"],
+        )
+        dec = Decision(
+            action=np.full(4, t, np.float32),
+            skill_index=t % 2,
+            skill="ab"[t % 2],
+            reasoning=f"because {t}",
+        )
         if t:
             buf.set_reward(t - 1, float(t))
         buf.add_step(obs, dec, {"queue_ms": 0.1, "inference_ms": 1.0, "batch_size": 1}, "m", "7")
@@ -83,8 +94,12 @@ def test_files_that_are_not_episodes_are_refused(tmp_path):
 
 def run_episode(client, episode_id, steps, end=True):
     for t in range(steps):
-        client.decide(episode_id=episode_id, step=t, state=np.full(23, t, np.float32),
-                      reward=None if t == 0 else 1.0)  # fmt: skip
+        client.decide(
+            episode_id=episode_id,
+            step=t,
+            state=np.full(23, t, np.float32),
+            reward=None if t == 0 else 1.0,
+        )
     if end:
         client.end_episode(episode_id, reward=1.0, terminated=True, success=True)
 

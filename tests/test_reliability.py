@@ -39,8 +39,13 @@ def test_clients_survive_a_server_restart_without_mismatched_replies():
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_soak_32_robots_nothing_lost_or_mismatched_memory_flat():
-    proc = subprocess.run([sys.executable, "benchmarks/soak.py", "--robots", "32", "--seconds", "4", "--json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=100)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/soak.py", "--robots", "32", "--seconds", "4", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["lost"] == 0 and result["mismatched"] == 0

@@ -23,10 +23,24 @@ def test_serve_and_robot_loop_reach_oracle_success(tmp_path):
         meta = wait_ready(endpoint)
         assert meta["env_id"] == ENV_ID and meta["backend"] == "oracle" and meta["has_skills"]
         loop = subprocess.run(
-            [sys.executable, "examples/robot_loop.py", "--endpoint", endpoint, "--env", ENV_ID,
-             "--robots", "2", "--episodes", "4", "--json"],
-            cwd=ROOT, capture_output=True, text=True, timeout=200,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "examples/robot_loop.py",
+                "--endpoint",
+                endpoint,
+                "--env",
+                ENV_ID,
+                "--robots",
+                "2",
+                "--episodes",
+                "4",
+                "--json",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
     finally:
         server_out = stop_process(server, signal.SIGTERM)
     assert loop.returncode == 0, loop.stdout + loop.stderr

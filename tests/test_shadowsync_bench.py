@@ -22,13 +22,29 @@ def test_plan_rotates_the_order():
 def test_rows_aggregate_ranks_and_repeats():
     def run(algo, examples, seconds, ne, gap):
         stats = None if gap is None else {"sync_gap": gap, "comm_seconds": 0.5}
-        return {"algo": algo, "examples": examples, "seconds": seconds, "ne": ne,
-                "curve": [[1.0, ne]], "stats": stats}  # fmt: skip
+        return {
+            "algo": algo,
+            "examples": examples,
+            "seconds": seconds,
+            "ne": ne,
+            "curve": [[1.0, ne]],
+            "stats": stats,
+        }
 
-    rank0 = {"runs": [run("none", 100, 1.0, 0.9, None), run("s-ma", 100, 1.0, 0.8, 4.0),
-                      run("s-ma", 100, 2.0, 0.6, 2.0)]}  # fmt: skip
-    rank1 = {"runs": [run("none", 100, 2.0, None, None), run("s-ma", 100, 1.0, None, 2.0),
-                      run("s-ma", 100, 1.0, None, 2.0)]}  # fmt: skip
+    rank0 = {
+        "runs": [
+            run("none", 100, 1.0, 0.9, None),
+            run("s-ma", 100, 1.0, 0.8, 4.0),
+            run("s-ma", 100, 2.0, 0.6, 2.0),
+        ]
+    }
+    rank1 = {
+        "runs": [
+            run("none", 100, 2.0, None, None),
+            run("s-ma", 100, 1.0, None, 2.0),
+            run("s-ma", 100, 1.0, None, 2.0),
+        ]
+    }
     rows, curves = bench.rows_for(2, [rank0, rank1], netem=False)
     none, ma = rows
     assert none["eps"] == 100.0 and none["sync_gap"] is None  # 200 examples / slowest 2 s
@@ -63,10 +79,19 @@ def test_netem_without_tools_fails_clearly(monkeypatch, tmp_path):
 @pytest.mark.timeout(400)
 def test_quick_benchmark_rows_are_sane(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "shadowsync_ctr.py"), "--quick", "--json",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=360, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "shadowsync_ctr.py"),
+            "--quick",
+            "--json",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=360,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert {(r["algo"], r["trainers"]) for r in rows} == {("none", 1)} | {

@@ -34,20 +34,19 @@ def test_easgd_elastic_and_center():
 
 
 def test_bmuf_two_blocks_by_hand():
-    g, m, target = bmuf_update(t(1), t(0), mean_w=t(3), block_momentum=0.875, block_lr=1.0,
-                               nesterov=False)  # fmt: skip
+    g, m, target = bmuf_update(
+        t(1), t(0), mean_w=t(3), block_momentum=0.875, block_lr=1.0, nesterov=False
+    )
     # G = 2, Delta = 2, w_g = 3
     assert (g.item(), m.item(), target.item()) == (3.0, 2.0, 3.0)
-    g, m, target = bmuf_update(g, m, mean_w=t(4), block_momentum=0.875, block_lr=1.0,
-                               nesterov=True)  # fmt: skip
+    g, m, target = bmuf_update(g, m, mean_w=t(4), block_momentum=0.875, block_lr=1.0, nesterov=True)
     # G = 1, Delta = 0.875 * 2 + 1 = 2.75, w_g = 5.75, look-ahead 5.75 + 0.875 * 2.75
     assert (g.item(), m.item()) == (5.75, 2.75)
     assert target.item() == pytest.approx(8.15625)
 
 
 def test_block_lr_scales_the_block_gradient():
-    g, m, _ = bmuf_update(t(0), t(0), mean_w=t(2), block_momentum=0.5, block_lr=0.5,
-                          nesterov=False)  # fmt: skip
+    g, m, _ = bmuf_update(t(0), t(0), mean_w=t(2), block_momentum=0.5, block_lr=0.5, nesterov=False)
     assert (g.item(), m.item()) == (1.0, 1.0)
 
 

@@ -109,8 +109,10 @@ class CosmosBackend(Backend):
     def __init__(self, env: EnvInfo, model: str | None = None, **options: Any) -> None:
         super().__init__(env, model)
         if not model:
-            raise BackendError("the cosmos backend needs --model: a hub id such as "
-                               "nvidia/Cosmos-Reason1-7B or a local checkpoint directory")  # fmt: skip
+            raise BackendError(
+                "the cosmos backend needs --model: a hub id such as "
+                "nvidia/Cosmos-Reason1-7B or a local checkpoint directory"
+            )
         import torch
 
         from agent.backends.vlm_loading import load_model, load_processor, model_type_of
@@ -127,8 +129,9 @@ class CosmosBackend(Backend):
         self._setup(load_model(model, model_type, getattr(torch, dtype), device), processor, opts)
 
     @classmethod
-    def from_loaded(cls, env: EnvInfo, model_id: str, model: Any, processor: Any,
-                    **options: Any) -> CosmosBackend:  # fmt: skip
+    def from_loaded(
+        cls, env: EnvInfo, model_id: str, model: Any, processor: Any, **options: Any
+    ) -> CosmosBackend:
         """Wrap a model already in memory (benchmarks: random 7B-shaped weights on the GPU)."""
         self = cls.__new__(cls)
         Backend.__init__(self, env, model_id)
@@ -146,14 +149,31 @@ class CosmosBackend(Backend):
         self.style = opts.style or ("reason1" if self.model_type == "qwen2_5_vl" else "reason2")
         self.device = str(model.device)
         self.compiled = opts.compile == "on" or (
-            opts.compile == "auto" and self.device.startswith("cuda"))  # fmt: skip
+            opts.compile == "auto" and self.device.startswith("cuda")
+        )
         self._histories: OrderedDict[str, deque[np.ndarray]] = OrderedDict()
         self._fallback_backend: Backend | None = None
         self._version = str(getattr(model.config, "_commit_hash", None) or "local")
         self.counters: dict[str, float] = dict.fromkeys(
-            ("decisions", "parsed", "point_answers", "retried", "fallbacks", "fallback_oracle",
-             "fallback_first", "fallback_noop", "generate_calls", "generated_tokens",
-             "prefill_s", "decode_s", "decode_steps", "batches", "max_batch_seen"), 0)  # fmt: skip
+            (
+                "decisions",
+                "parsed",
+                "point_answers",
+                "retried",
+                "fallbacks",
+                "fallback_oracle",
+                "fallback_first",
+                "fallback_noop",
+                "generate_calls",
+                "generated_tokens",
+                "prefill_s",
+                "decode_s",
+                "decode_steps",
+                "batches",
+                "max_batch_seen",
+            ),
+            0,
+        )
 
     # ------------------------------------------------------------------ identity
 
@@ -166,15 +186,18 @@ class CosmosBackend(Backend):
         steps, calls = c["decode_steps"], c["generate_calls"]
         c["ms_per_decode_step"] = 1e3 * c["decode_s"] / steps if steps else None
         c["prefill_ms"] = 1e3 * c["prefill_s"] / calls if calls else None
-        c.update(style=self.style, model_type=self.model_type, device=self.device,
-                 compiled=self.compiled)  # fmt: skip
+        c.update(
+            style=self.style, model_type=self.model_type, device=self.device, compiled=self.compiled
+        )
         return c
 
     def warmup(self) -> None:
         """One short generation so the first robot does not pay for allocation/compilation."""
         blank = np.zeros((448, 448, 3), np.uint8)
-        prompt = self._prompt(Observation("warmup", "warmup", 0, "warm up",
-                                          {"image": blank}, options=["wait"]), remember=False)  # fmt: skip
+        prompt = self._prompt(
+            Observation("warmup", "warmup", 0, "warm up", {"image": blank}, options=["wait"]),
+            remember=False,
+        )
         self._generate([prompt], max_new_tokens=4, temperature=0.0)
 
     # ------------------------------------------------------------------ deciding
@@ -193,10 +216,15 @@ class CosmosBackend(Backend):
                 break
             if attempt:
                 self.counters["retried"] += len(pending)
-            tokens = min(int(opts.max_new_tokens * opts.retry_token_factor**attempt),
-                         max(opts.max_new_tokens, opts.max_retry_tokens))  # fmt: skip
-            temperature = opts.temperature + attempt * opts.retry_temperature_step if (
-                opts.temperature > 0) else 0.0  # fmt: skip
+            tokens = min(
+                int(opts.max_new_tokens * opts.retry_token_factor**attempt),
+                max(opts.max_new_tokens, opts.max_retry_tokens),
+            )
+            temperature = (
+                opts.temperature + attempt * opts.retry_temperature_step
+                if (opts.temperature > 0)
+                else 0.0
+            )
             texts = self._generate([prompts[i] for i in pending], tokens, temperature)
             still = []
             for i, text in zip(pending, texts, strict=True):
@@ -208,8 +236,11 @@ class CosmosBackend(Backend):
                     decisions[i] = decision
             pending = still
         missing = [i for i, d in enumerate(decisions) if d is None]
-        for i, decision in zip(missing, self._fall_back([batch[i] for i in missing],
-                               [completions.get(i) for i in missing]), strict=True):  # fmt: skip
+        for i, decision in zip(
+            missing,
+            self._fall_back([batch[i] for i in missing], [completions.get(i) for i in missing]),
+            strict=True,
+        ):
             decisions[i] = decision
         self.counters["decisions"] += len(batch)
         return [d for d in decisions if d is not None]
@@ -226,8 +257,9 @@ class CosmosBackend(Backend):
             return Decision(point=parsed.point, reasoning=text.strip())
         if parsed.choice is not None:
             self.counters["parsed"] += 1
-            return Decision(skill_index=parsed.choice, skill=obs.options[parsed.choice],
-                            reasoning=text.strip())  # fmt: skip
+            return Decision(
+                skill_index=parsed.choice, skill=obs.options[parsed.choice], reasoning=text.strip()
+            )
         return None
 
     # ------------------------------------------------------------------ prompts
@@ -246,8 +278,9 @@ class CosmosBackend(Backend):
         else:
             media, images, video = ["image"], [image], None
         messages = build_messages(self.style, question, media)  # type: ignore[arg-type]
-        text = self.processor.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)  # fmt: skip
+        text = self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
         return _Prompt(text=text, images=images, video=video)
 
     def _pick_image(self, obs: Observation) -> np.ndarray | None:
@@ -275,20 +308,23 @@ class CosmosBackend(Backend):
     ) -> list[str]:
         texts: list[str] = []
         for start in range(0, len(prompts), self.options.max_batch):
-            texts += self._generate_chunk(prompts[start : start + self.options.max_batch],
-                                          max_new_tokens, temperature)  # fmt: skip
+            texts += self._generate_chunk(
+                prompts[start : start + self.options.max_batch], max_new_tokens, temperature
+            )
         return texts
 
-    def _generate_chunk(self, prompts: list[_Prompt], max_new_tokens: int,
-                        temperature: float) -> list[str]:  # fmt: skip
+    def _generate_chunk(
+        self, prompts: list[_Prompt], max_new_tokens: int, temperature: float
+    ) -> list[str]:
         import torch
 
         n = len(prompts)
         if self.compiled:  # few distinct shapes -> few compilations
             prompts = prompts + [prompts[-1]] * (_bucket(n) - n)
         inputs = self._encode(prompts)
-        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens,
-                                      repetition_penalty=self.options.repetition_penalty)  # fmt: skip
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens, repetition_penalty=self.options.repetition_penalty
+        )
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=self.options.top_p)
         else:
@@ -339,9 +375,15 @@ class CosmosBackend(Backend):
             extra["do_sample_frames"] = False
         if self.compiled:
             extra["pad_to_multiple_of"] = 64
-        inputs = self.processor(text=[p.text for p in prompts], images=images, videos=videos,
-                                padding=True, padding_side="left", return_tensors="pt",
-                                **extra)  # fmt: skip
+        inputs = self.processor(
+            text=[p.text for p in prompts],
+            images=images,
+            videos=videos,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+            **extra,
+        )
         return inputs.to(self.device)
 
     # ------------------------------------------------------------------ fallback
@@ -350,8 +392,11 @@ class CosmosBackend(Backend):
         """Decisions for what the model could not answer (text None: nothing to ask)."""
         decisions = []
         for obs, text in zip(batch, texts, strict=True):
-            note = ("[cosmos fallback: no options to choose from]" if text is None else
-                    f"[cosmos fallback: unparseable answer] {text.strip()[:2000]}".strip())  # fmt: skip
+            note = (
+                "[cosmos fallback: no options to choose from]"
+                if text is None
+                else f"[cosmos fallback: unparseable answer] {text.strip()[:2000]}".strip()
+            )
             decision = self._oracle(obs) if self.options.fallback == "oracle" else None
             kind = "oracle"
             if decision is None:
@@ -404,8 +449,10 @@ def _check_video(opts: CosmosOptions) -> None:
     from agent.backends.vlm_loading import has_video_support
 
     if opts.frames > 1 and not has_video_support():
-        raise BackendError("frames > 1 sends video, which needs torchvision for the "
-                           "Qwen-VL video processor; install torchvision or use frames=1")  # fmt: skip
+        raise BackendError(
+            "frames > 1 sends video, which needs torchvision for the "
+            "Qwen-VL video processor; install torchvision or use frames=1"
+        )
 
 
 def _bucket(n: int) -> int:

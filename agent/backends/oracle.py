@@ -23,16 +23,21 @@ class OracleBackend(Backend):
         decisions = []
         for obs in batch:
             if obs.sim is None:
-                raise BackendError("the oracle needs the simulator's privileged state "
-                                   "(observation.sim); only simulated robots can use it")  # fmt: skip
+                raise BackendError(
+                    "the oracle needs the simulator's privileged state "
+                    "(observation.sim); only simulated robots can use it"
+                )
             try:
                 answer = decide(obs.sim, list(obs.options))
             except (KeyError, TypeError, ValueError) as exc:
                 raise BackendError(f"oracle could not decide: {exc}") from exc
             picked = answer.skill_index >= 0  # -1: no menu was sent, only the action counts
-            decisions.append(Decision(
-                action=np.asarray(answer.action, np.float32),
-                skill_index=answer.skill_index if picked else None,
-                skill=answer.skill if picked else None, reasoning=answer.rationale,
-            ))  # fmt: skip
+            decisions.append(
+                Decision(
+                    action=np.asarray(answer.action, np.float32),
+                    skill_index=answer.skill_index if picked else None,
+                    skill=answer.skill if picked else None,
+                    reasoning=answer.rationale,
+                )
+            )
         return decisions

@@ -21,9 +21,14 @@ from pathlib import Path
 from typing import Any
 
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 REASONING_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 
 # Qwen-style: each turn "<|im_start|>role\n...<|im_end|>\n", media as vision placeholders.
@@ -113,28 +118,49 @@ def tiny_config(model_type: str, tokenizer: Any, hidden: int = 64, layers: int =
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     heads, head_dim = 4, hidden // 4
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
-        max_position_embeddings=8192, bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
     section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
     section[0] += head_dim // 2 - sum(section)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                  out_hidden_size=hidden, patch_size=PATCH_SIZE[model_type])  # fmt: skip
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=hidden,
+        patch_size=PATCH_SIZE[model_type],
+    )
     tokens = dict(
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )  # fmt: skip
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     if model_type == "qwen2_5_vl":
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": section,
-                                   "rope_theta": 1e6}  # fmt: skip
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "mrope_section": section,
+            "rope_theta": 1e6,
+        }
         vision.update(fullatt_block_indexes=[1], window_size=56)
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
     if model_type == "qwen3_vl":
         text.update(head_dim=head_dim)
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": section,
-                                   "mrope_interleaved": True, "rope_theta": 5e5}  # fmt: skip
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "mrope_section": section,
+            "mrope_interleaved": True,
+            "rope_theta": 5e5,
+        }
         vision.update(num_position_embeddings=256, deepstack_visual_indexes=[1])
         return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
     raise ValueError(f"unknown tiny model type {model_type!r}; use qwen2_5_vl or qwen3_vl")
@@ -143,8 +169,9 @@ def tiny_config(model_type: str, tokenizer: Any, hidden: int = 64, layers: int =
 def prompt_end_token(tokenizer: Any) -> int:
     """The last prompt token every generation starts from (end of the assistant header)."""
     messages = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                        return_dict=False)  # fmt: skip
+    ids = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=False
+    )
     return int(ids[-1])
 
 

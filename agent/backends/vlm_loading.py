@@ -76,11 +76,19 @@ def build_processor(model_type: str, image_processor: Any, tokenizer: Any, chat_
             temporal_patch_size=image_processor.temporal_patch_size,
             size=dict(image_processor.size),
         )
-        return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video,
-                   chat_template=chat_template)  # fmt: skip
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=video,
+            chat_template=chat_template,
+        )
     cls = image_only_processor_class(model_type)
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-               chat_template=chat_template)  # fmt: skip
+    return cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=chat_template,
+    )
 
 
 def load_processor(path: str, model_type: str):

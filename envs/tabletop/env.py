@@ -161,9 +161,12 @@ class TabletopEnv(gym.Env):
         for kind, names in self._names.items():
             for name in names:
                 label = self._labels.get(name, name)
-                objects[label] = {"kind": kind, "color": label.split(" ")[0],
-                                  "pos": data.xpos[self._body_id[name]].tolist(),
-                                  "half": tasks.HALF_SIZE[kind]}  # fmt: skip
+                objects[label] = {
+                    "kind": kind,
+                    "color": label.split(" ")[0],
+                    "pos": data.xpos[self._body_id[name]].tolist(),
+                    "half": tasks.HALF_SIZE[kind],
+                }
         return {
             "task": self.task,
             "ee": data.site_xpos[self._site].tolist(),
@@ -176,9 +179,13 @@ class TabletopEnv(gym.Env):
     def camera_model(self, camera: str = "scene") -> CameraModel:
         """Intrinsics/extrinsics of a camera at the configured image size."""
         cam = self.model.camera(camera).id
-        return CameraModel(self.width, self.height, float(self.model.cam_fovy[cam]),
-                           self.data.cam_xpos[cam].copy(),
-                           self.data.cam_xmat[cam].reshape(3, 3).copy())  # fmt: skip
+        return CameraModel(
+            self.width,
+            self.height,
+            float(self.model.cam_fovy[cam]),
+            self.data.cam_xpos[cam].copy(),
+            self.data.cam_xmat[cam].reshape(3, 3).copy(),
+        )
 
     def point_to_table(self, x: float, y: float) -> np.ndarray:
         """A scene-camera point normalised to 0..1000 -> the world point on the table."""
@@ -212,8 +219,9 @@ class TabletopEnv(gym.Env):
     def _advance(self, action: np.ndarray) -> tuple[float, bool]:
         action = np.clip(action, -1.0, 1.0)
         data = self.data
-        target = np.clip(data.site_xpos[self._site] + action[:3] * skills.MAX_DELTA,
-                         EE_LOW, EE_HIGH)  # fmt: skip
+        target = np.clip(
+            data.site_xpos[self._site] + action[:3] * skills.MAX_DELTA, EE_LOW, EE_HIGH
+        )
         data.ctrl[:6] = self.arm.joint_targets(data, target)
         data.ctrl[6] = (action[3] + 1.0) * 0.5 * GRIPPER_MAX
         mujoco.mj_step(self.model, data, nstep=self.frame_skip)
@@ -244,14 +252,23 @@ class TabletopEnv(gym.Env):
         return ""
 
     def _info(self) -> dict[str, Any]:
-        return {"is_success": self._success, "instruction": self.instruction,
-                "options": skills.options(self._priv)}  # fmt: skip
+        return {
+            "is_success": self._success,
+            "instruction": self.instruction,
+            "options": skills.options(self._priv),
+        }
 
     def _state(self) -> np.ndarray:
         d = self.data
         state = np.concatenate(
-            [d.qpos[self.arm.qadr], d.qvel[self.arm.dofs], d.site_xpos[self._site],
-             [2 * d.qpos[self._finger_q]]], dtype=np.float32)  # fmt: skip
+            [
+                d.qpos[self.arm.qadr],
+                d.qvel[self.arm.dofs],
+                d.site_xpos[self._site],
+                [2 * d.qpos[self._finger_q]],
+            ],
+            dtype=np.float32,
+        )
         return np.clip(state, -STATE_BOUND, STATE_BOUND, out=state)
 
     def _observation(self) -> dict[str, Any]:

@@ -76,8 +76,13 @@ def _bin(name: str) -> str:
 
 def object_names(spec: SceneSpec) -> dict[str, list[str]]:
     """Body names per kind, e.g. {"cube": ["cube0", "cube1"], ...}."""
-    counts = {"cube": spec.cubes, "pad": spec.pads, "bin": spec.bins,
-              "block": spec.blocks, "target": spec.targets}  # fmt: skip
+    counts = {
+        "cube": spec.cubes,
+        "pad": spec.pads,
+        "bin": spec.bins,
+        "block": spec.blocks,
+        "target": spec.targets,
+    }
     return {kind: [f"{kind}{i}" for i in range(n)] for kind, n in counts.items()}
 
 

@@ -76,8 +76,9 @@ def train(kind: str, algorithm: str, data, held_out) -> dict:
                 settle(sync, rounds=5)  # rounds would only replay its block momentum
         stats = sync.stats.as_dict()
     elif kind == "foreground":
-        with ForegroundSync(model, algorithm, every=5, name=f"t.fr.{algorithm}",
-                            final_average=False) as sync:  # fmt: skip
+        with ForegroundSync(
+            model, algorithm, every=5, name=f"t.fr.{algorithm}", final_average=False
+        ) as sync:
             Hogwild(model, lr=LR, on_step=lambda _: sync.step()).run(loss_fn, shards(data, 1))
         stats = sync.stats.as_dict()
     else:
@@ -131,9 +132,15 @@ def main(out_dir: Path) -> None:
     data = make_data(seed=100 + hvd.rank(), n=3000)
     held_out = make_data(seed=999, n=1000)
     record = {"rank": hvd.rank(), "size": hvd.size(), "runs": {}}
-    for kind, algorithm in [("none", "none"), ("shadow", "ma"), ("shadow", "easgd"),
-                            ("shadow", "bmuf"), ("foreground", "ma"),
-                            ("foreground", "easgd"), ("foreground", "bmuf")]:  # fmt: skip
+    for kind, algorithm in [
+        ("none", "none"),
+        ("shadow", "ma"),
+        ("shadow", "easgd"),
+        ("shadow", "bmuf"),
+        ("foreground", "ma"),
+        ("foreground", "easgd"),
+        ("foreground", "bmuf"),
+    ]:
         label = algorithm if kind == "none" else f"{kind[0]}-{algorithm}"
         record["runs"][label] = train(kind, algorithm, data, held_out)
     record["uneven"] = uneven_finish()
