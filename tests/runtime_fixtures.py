@@ -12,6 +12,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from agent.backends import load_backend
 from agent.backends.base import Backend, EnvInfo
 from agent.backends.zero import ZeroBackend
@@ -87,3 +89,15 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: flo
         out, _ = proc.communicate(timeout=10)
         raise AssertionError(f"process did not exit after signal {sig}: {out}") from None
     return out or ""
+
+
+def openpi_pack(obj):
+    """openpi_client.msgpack_numpy's array encoding, written out independently."""
+    if isinstance(obj, np.ndarray):
+        return {
+            b"__ndarray__": True,
+            b"data": obj.tobytes(),
+            b"dtype": obj.dtype.str,
+            b"shape": obj.shape,
+        }
+    return obj

@@ -16,6 +16,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from runtime_fixtures import ROOT, free_port, serve_subprocess, stop_process, wait_ready
+
 import envs
 from agent.backends import BackendError, EnvInfo, Observation, load_backend
 from agent.backends.cosmos import CosmosOptions
@@ -25,7 +27,6 @@ from agent.client import AgentClient
 from agent.envspec import describe_env
 from agent.recording import iter_episodes
 from agent.server import Server, ServerConfig
-from tests.runtime_fixtures import free_port, serve_subprocess, stop_process, wait_ready
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -298,8 +299,6 @@ def test_benchmark_tiny_mode_prints_json_rows():
     import json
     import subprocess
     import sys
-
-    from tests.runtime_fixtures import ROOT
 
     proc = subprocess.run(
         [

@@ -7,7 +7,7 @@ import urllib.request
 import msgpack
 import numpy as np
 import pytest
-from runtime_fixtures import TEST_ENV, running_server
+from runtime_fixtures import TEST_ENV, openpi_pack, running_server
 from websockets.sync.client import connect
 
 from agent import protocol as P
@@ -15,18 +15,6 @@ from agent.backends.base import Backend, Decision
 from agent.openpi_gateway import OpenpiGateway, openpi_observation
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def openpi_pack(obj):
-    """openpi_client.msgpack_numpy's array encoding, written out independently."""
-    if isinstance(obj, np.ndarray):
-        return {
-            b"__ndarray__": True,
-            b"data": obj.tobytes(),
-            b"dtype": obj.dtype.str,
-            b"shape": obj.shape,
-        }
-    return obj
 
 
 def libero_observation(step=0):

@@ -5,22 +5,11 @@ import math
 import msgpack
 import numpy as np
 import pytest
+from runtime_fixtures import openpi_pack
 
 from agent import protocol as P
 from agent.backends.base import Decision
 from agent.batching import BatchPolicy, CallCost, RobotActivity
-
-
-def openpi_pack_array(obj):
-    """The encoding openpi's msgpack_numpy uses, written out independently."""
-    if isinstance(obj, np.ndarray):
-        return {
-            b"__ndarray__": True,
-            b"data": obj.tobytes(),
-            b"dtype": obj.dtype.str,
-            b"shape": obj.shape,
-        }
-    return obj
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float32", "float64", "int64", "bool", "int16"])
@@ -33,7 +22,7 @@ def test_arrays_round_trip(dtype):
 
 def test_openpi_encoded_arrays_decode_unchanged():
     image = np.random.default_rng(0).integers(0, 255, (8, 6, 3), dtype=np.uint8)
-    blob = msgpack.packb({"observation/image": image}, default=openpi_pack_array)
+    blob = msgpack.packb({"observation/image": image}, default=openpi_pack)
     np.testing.assert_array_equal(P.unpackb(blob)["observation/image"], image)
 
 
