@@ -292,13 +292,15 @@ def _state(value: Any) -> np.ndarray | None:
 
 def _observation(msg: dict, robot_id: str, episode_id: str, step: int) -> Observation:
     raw = _field(msg, "observation", dict)
-    images = raw.get("images") or {}
+    images = raw.get("images")
+    images = {} if images is None else images
     if not isinstance(images, dict) or len(images) > _MAX_IMAGES:
         raise ProtocolError(BAD_OBSERVATION, f"images must be a map of <= {_MAX_IMAGES} arrays")
     checked = {}
     for name, value in images.items():
         checked[_text(name, "image name", 64)] = _image(str(name), value)
-    options = raw.get("options") or []
+    options = raw.get("options")
+    options = [] if options is None else options
     if not isinstance(options, list) or len(options) > _MAX_OPTIONS:
         raise ProtocolError(BAD_OBSERVATION, f"options must be a list of <= {_MAX_OPTIONS} strings")
     sim = raw.get("sim")
@@ -325,7 +327,7 @@ def parse_request(data: bytes | memoryview) -> Request:
     if not isinstance(msg, dict):
         raise ProtocolError(BAD_MESSAGE, f"a message must be a map, got {type(msg).__name__}")
     version = msg.get("protocol")
-    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(
             VERSION_MISMATCH,
             f"client speaks protocol {version!r}; this server "

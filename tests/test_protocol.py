@@ -95,6 +95,7 @@ def test_valid_decide_request_parses():
     [
         ({"protocol": 0}, P.VERSION_MISMATCH),
         ({"protocol": 99}, P.VERSION_MISMATCH),
+        ({"protocol": 1.0}, P.VERSION_MISMATCH),
         ({"type": "teleport"}, P.UNKNOWN_TYPE),
         ({"request_id": True}, P.BAD_REQUEST),
         ({"request_id": -1}, P.BAD_REQUEST),
@@ -107,6 +108,8 @@ def test_valid_decide_request_parses():
         ({"obs_images": {"image": np.zeros((4, 4, 3), np.float32)}}, P.BAD_OBSERVATION),
         ({"obs_images": {"image": np.zeros((4, 4), np.uint8)}}, P.BAD_OBSERVATION),
         ({"obs_options": "a, b"}, P.BAD_OBSERVATION),
+        ({"obs_options": np.zeros(3, np.float32)}, P.BAD_OBSERVATION),
+        ({"obs_images": np.zeros((4, 4, 3), np.uint8)}, P.BAD_OBSERVATION),
         ({"obs_instruction": 5}, P.BAD_OBSERVATION),
         ({"obs_sim": [1, 2]}, P.BAD_OBSERVATION),
         ({"observation": None}, P.BAD_REQUEST),
