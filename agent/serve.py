@@ -92,8 +92,15 @@ def serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    def stop_all() -> None:
+        if gateway is not None:  # first, so openpi robots' episodes end while the server answers
+            gateway.stop()
+        server.stop()
+
     def graceful(sig: int, _frame: object) -> None:
-        server.stop()  # a second signal is not caught: it interrupts a stuck shutdown
+        # off the loop's thread: the gateway's last requests need the loop to answer them;
+        # a second signal is not caught: it interrupts a stuck shutdown
+        threading.Thread(target=stop_all, name="shutdown", daemon=True).start()
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,5 +1,6 @@
 """The openpi WebSocket front door: metadata frame, msgpack-numpy in, action dict out, /healthz."""
 
+import signal
 import threading
 import time
 import urllib.request
@@ -7,12 +8,21 @@ import urllib.request
 import msgpack
 import numpy as np
 import pytest
-from runtime_fixtures import TEST_ENV, openpi_pack, running_server
+from runtime_fixtures import (
+    TEST_ENV,
+    free_port,
+    openpi_pack,
+    running_server,
+    serve_subprocess,
+    stop_process,
+    wait_ready,
+)
 from websockets.sync.client import connect
 
 from agent import protocol as P
 from agent.backends.base import Backend, Decision
 from agent.openpi_gateway import OpenpiGateway, openpi_observation
+from agent.recording import iter_episodes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -113,3 +123,27 @@ def test_openpi_robots_share_the_batching_scheduler(gateway):
     for t in threads:
         t.join(30)
     assert not errors and max(backend.sizes) > 1
+
+
+def test_sigterm_with_an_open_openpi_robot_stops_promptly_and_records_it(tmp_path):
+    port, ws_port = free_port(), free_port()
+    server = serve_subprocess(
+        port, "--env", "Pusher-v5", "--backend", "zero", "--openpi-port", str(ws_port),
+        "--record", str(tmp_path),
+    )  # fmt: skip
+    try:
+        wait_ready(f"tcp://127.0.0.1:{port}")
+        with connect(f"ws://127.0.0.1:{ws_port}", compression=None, open_timeout=10) as ws:
+            ws.recv(timeout=10)
+            observation = {"observation/state": np.zeros(23, np.float32), "prompt": "push"}
+            ws.send(msgpack.packb(observation, default=openpi_pack))
+            assert P.unpackb(ws.recv(timeout=10))["actions"].shape == (1, 7)
+            started = time.monotonic()
+            output = stop_process(server, signal.SIGTERM, timeout=30)
+            assert time.monotonic() - started < 10, output  # not the gateway's 60 s timeouts
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+    assert "could not close openpi episode" not in output, output
+    assert [e.meta["end_reason"] for e in iter_episodes(tmp_path)] == ["end"]
