@@ -46,32 +46,36 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"agent serve: {exc}", file=sys.stderr)
         return 2
-    backend_name = args.backend or ("oracle" if env.info.has_skills else "zero")
     try:
+        config = ServerConfig(
+            bind=args.bind,
+            max_batch=args.max_batch,
+            batch_timeout_ms=args.batch_timeout_ms,
+            max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+            episode_timeout_s=args.episode_timeout_s,
+            record_dir=args.record,
+            curve_dir=args.curve,
+            reload_every_s=args.reload_every_s,
+        )
         options = parse_backend_options(args.backend_opt)
     except ValueError as exc:
         print(f"agent serve: {exc}", file=sys.stderr)
         return 2
+    if args.openpi_port is not None and args.curve is not None:
+        print("agent serve: --openpi-port cannot be combined with --curve", file=sys.stderr)
+        return 2
+    backend_name = args.backend or ("oracle" if env.info.has_skills else "zero")
     try:
         backend = load_backend(backend_name, env.info, args.model, **options)
         backend.warmup()
     except BackendError as exc:
         print(f"agent serve: {exc}", file=sys.stderr)
         return 2
-    config = ServerConfig(
-        bind=args.bind,
-        max_batch=args.max_batch,
-        batch_timeout_ms=args.batch_timeout_ms,
-        max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-        episode_timeout_s=args.episode_timeout_s,
-        record_dir=args.record,
-        curve_dir=args.curve,
-        reload_every_s=args.reload_every_s,
-    )
-    if args.openpi_port is not None and args.curve is not None:
-        print("agent serve: --openpi-port cannot be combined with --curve", file=sys.stderr)
+    try:
+        server = Server(backend, config, env)
+    except OSError as exc:
+        print(f"agent serve: cannot record to {args.record}: {exc}", file=sys.stderr)
         return 2
-    server = Server(backend, config, env)
     try:
         endpoint = server.bind()
     except (zmq.ZMQError, OSError, ValueError) as exc:

@@ -42,6 +42,21 @@ class ServerConfig:
     curve_dir: Path | None = None
     reload_every_s: float | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse settings that would make the server useless (e.g. drop every message)."""
+        if self.max_batch < 1:
+            raise ValueError(f"max batch must be >= 1, got {self.max_batch}")
+        if not self.batch_timeout_ms >= 0:
+            raise ValueError(f"batch timeout must be >= 0 ms, got {self.batch_timeout_ms}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max message size must be >= 1 KiB, got {self.max_message_bytes}")
+        if not self.episode_timeout_s > 0:
+            raise ValueError(f"episode timeout must be > 0 s, got {self.episode_timeout_s}")
+        if self.max_episode_steps < 1:
+            raise ValueError(f"max episode steps must be >= 1, got {self.max_episode_steps}")
+        if self.reload_every_s is not None and not self.reload_every_s > 0:
+            raise ValueError(f"reload interval must be > 0 s, got {self.reload_every_s}")
+
 
 @dataclass
 class _Waiting:

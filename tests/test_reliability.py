@@ -67,3 +67,21 @@ def test_serve_explains_a_busy_port_and_an_unknown_env():
     unknown = serve_subprocess(free_port(), "--env", "Nope-v9")
     out, _ = unknown.communicate(timeout=60)
     assert unknown.returncode == 2 and "cannot make env 'Nope-v9'" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-batch", "0"], "max batch must be >= 1"),
+        (["--batch-timeout-ms", "-1"], "batch timeout must be >= 0"),
+        (["--max-message-mb", "0"], "max message size"),
+        (["--episode-timeout-s", "0"], "episode timeout must be > 0"),
+        (["--record", "/proc/no-such-dir/episodes"], "cannot record to"),
+    ],
+)
+def test_serve_refuses_bad_settings_with_a_clear_message(args, message, capsys):
+    from agent.cli import main as agent_main
+
+    argv = ["serve", "--env", "Pusher-v5", "--bind", f"tcp://127.0.0.1:{free_port()}", *args]
+    assert agent_main(argv) == 2
+    assert message in capsys.readouterr().err
