@@ -32,7 +32,12 @@ def _keys(args: argparse.Namespace) -> int:
     """Create CURVE key pairs for `agent serve --curve DIR` and its robots."""
     from agent.curve import create_keys
 
-    for path in create_keys(args.directory, tuple(args.client or ["client"])):
+    try:
+        paths = create_keys(args.directory, tuple(args.client or ["client"]))
+    except (ValueError, OSError) as exc:
+        print(f"agent keys: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
     return 0
 

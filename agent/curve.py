@@ -6,11 +6,13 @@ Layout made by `agent keys DIR`:
     DIR/<client>.key, DIR/<client>.key_secret  one pair per robot / fleet
     DIR/authorized/<client>.key                public keys the server accepts
 
-Key files are ZeroMQ's certificate text format (never pickle).
+Key files are ZeroMQ's certificate text format (never pickle); secret key
+files are readable by their owner only.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +31,29 @@ class CurveKeys:
 
 def create_keys(directory: str | Path, clients: tuple[str, ...] = ("client",)) -> list[Path]:
     """Create the server pair (if missing) and one authorised pair per client name."""
-    import zmq.auth
 
     directory = Path(directory)
     authorized = directory / AUTHORIZED
     authorized.mkdir(parents=True, exist_ok=True)
+    for name in clients:
+        if not name.isidentifier() or name == "server":
+            raise ValueError(f"client name {name!r} must be a plain identifier other than server")
     made = []
     if not (directory / "server.key_secret").exists():
-        made += [Path(p) for p in zmq.auth.create_certificates(directory, "server")]
+        made += _create_pair(directory, "server")
     for name in clients:
-        if not name.isidentifier():
-            raise ValueError(f"client name {name!r} must be a plain identifier")
-        public, secret = zmq.auth.create_certificates(directory, name)
-        shutil.copy(public, authorized / Path(public).name)
-        made += [Path(public), Path(secret)]
+        public, secret = _create_pair(directory, name)
+        shutil.copy(public, authorized / public.name)
+        made += [public, secret]
     return made
+
+
+def _create_pair(directory: Path, name: str) -> list[Path]:
+    import zmq.auth
+
+    public, secret = (Path(p) for p in zmq.auth.create_certificates(directory, name))
+    os.chmod(secret, 0o600)
+    return [public, secret]
 
 
 def server_keys(directory: str | Path) -> CurveKeys:

@@ -22,6 +22,9 @@ def keys(tmp_path_factory):
 def test_keys_command_writes_an_authorised_pair(keys):
     assert (keys / "server.key_secret").exists() and (keys / "authorized" / "robot.key").exists()
     assert not (keys / "authorized" / "robot.key_secret").exists()
+    for secret in ("server.key_secret", "robot.key_secret"):
+        assert (keys / secret).stat().st_mode & 0o077 == 0, f"{secret} is readable by others"
+    assert agent_main(["keys", str(keys), "--client", "server"]) == 2  # would replace its pair
 
 
 def test_authorised_robot_is_served(keys):
