@@ -124,6 +124,7 @@ class AgentClient:
         """Send `build(request_id)`, return the matching reply and its latency in ms."""
         if self._socket is None:
             raise RuntimeError("client is closed")
+        payload = b""
         for attempt in range(self.retries + 1):
             request_id = next(self._ids)
             payload = build(request_id)
@@ -146,9 +147,15 @@ class AgentClient:
             self.reconnect()
             if attempt == self.retries:
                 break
+        hint = ""
+        if self._metadata is None and len(payload) > 1024 * 1024:
+            hint = (
+                f"; a {len(payload)}-byte message over the server's size limit is dropped "
+                "unanswered: call hello() first and the client checks the limit before sending"
+            )
         raise AgentTimeout(
             f"no reply from {self.endpoint} within {self.timeout_ms} ms "
-            f"({self.retries + 1} attempt(s))"
+            f"({self.retries + 1} attempt(s)){hint}"
         )
 
     def _await(self, request_id: int, sent: float) -> P.Reply | None:

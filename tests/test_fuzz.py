@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from runtime_fixtures import running_server
 
 from agent import protocol as P
-from agent.client import AgentClient
+from agent.client import AgentClient, AgentTimeout
 from agent.envspec import ObservationSpec
 
 pytestmark = pytest.mark.timeout(180)
@@ -190,6 +190,12 @@ def test_client_refuses_to_send_more_than_the_server_accepts(server):
         client.hello()
         with pytest.raises(ValueError, match="exceeds the server's limit"):
             client.decide(episode_id="big", step=0, instruction="x" * (2 * MAX_BYTES))
+    big = {"image": np.zeros((1024, 1024, 3), np.uint8)}
+    with (
+        AgentClient(server.endpoint, timeout_ms=300) as client,  # no handshake: limit unknown
+        pytest.raises(AgentTimeout, match="call hello"),
+    ):
+        client.decide(episode_id="big", step=0, images=big)
 
 
 def test_server_still_serves_after_the_fuzzing(server):
