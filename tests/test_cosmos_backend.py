@@ -192,7 +192,15 @@ def test_left_padded_batch_decodes_each_robot_as_if_alone(checkpoints, name):
 def test_options_are_validated_and_converted():
     parsed = CosmosOptions.parse({"temperature": "0.7", "points": "yes", "retries": 3})
     assert (parsed.temperature, parsed.points, parsed.retries) == (0.7, True, 3)
-    for bad in ({"temprature": 1}, {"fallback": "guess"}, {"retries": "x"}, {"top_p": "0"}):
+    for bad in (
+        {"temprature": 1},
+        {"fallback": "guess"},
+        {"retries": "x"},
+        {"top_p": "0"},
+        {"min_new_tokens": "-1"},
+        {"fps": "0"},
+        {"retry_token_factor": "0.5"},
+    ):
         with pytest.raises(BackendError):
             CosmosOptions.parse(bad)
 

@@ -82,6 +82,14 @@ class CosmosOptions:
             raise BackendError("max_new_tokens, frames and max_batch must be >= 1, retries >= 0")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise BackendError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.min_new_tokens < 0 or self.retry_token_factor < 1 or self.max_retry_tokens < 1:
+            raise BackendError(
+                "min_new_tokens must be >= 0, retry_token_factor >= 1, max_retry_tokens >= 1"
+            )
+        if not (self.repetition_penalty > 0 and self.fps > 0 and self.retry_temperature_step >= 0):
+            raise BackendError(
+                "repetition_penalty and fps must be > 0, retry_temperature_step >= 0"
+            )
 
 
 def _convert(raw: Any, kind: type) -> Any:
