@@ -44,11 +44,10 @@ def run_round(
     started = time.perf_counter()
     total = comm.allreduce_sum(payload, name=name, poll_interval=poll_interval)
     comm_seconds = time.perf_counter() - started
-    add_flat_(params, rule.incoming(snapshot, total[:-1], n))
+    last = bool(total[-1].item() > 0)
+    add_flat_(params, rule.incoming(snapshot, total[:-1], n, last=last))
     nbytes = payload.numel() * payload.element_size()
-    return RoundResult(
-        stop=bool(total[-1].item() > 0), bytes_sent=nbytes, comm_seconds=comm_seconds
-    )
+    return RoundResult(stop=last, bytes_sent=nbytes, comm_seconds=comm_seconds)
 
 
 def replicate(params: Sequence[torch.Tensor], name: str, root: int = 0) -> torch.Tensor:

@@ -45,6 +45,7 @@ class ForegroundSync:
         self._stats = SyncStats(algorithm=f"fr-{algorithm}")
         self._size = 0
         self._finished = False
+        self._stop_asked = False
 
     def start(self) -> ForegroundSync:
         self._size = comm.world_size()
@@ -56,17 +57,21 @@ class ForegroundSync:
         """Count one iteration; every `every`-th runs a blocking round.
 
         Pass `stop=True` once this rank wants to finish (out of data or time);
-        the flag rides along in the next round, and the return value is True on
-        every rank from that round on, so all ranks leave the loop together.
+        it is remembered, the flag rides along in the next round, and the return
+        value is True on every rank from that round on, so all ranks leave the
+        loop together.
         """
         if not self._size:
             raise RuntimeError("ForegroundSync.start() was not called")
         if self._finished:
             return True
+        self._stop_asked = self._stop_asked or stop
         self._stats.worker_iterations += 1
         if self._stats.worker_iterations % self.every:
             return False
-        result = run_round(self.params, self.rule, f"{self.name}.round", self._size, stop=stop)
+        result = run_round(
+            self.params, self.rule, f"{self.name}.round", self._size, stop=self._stop_asked
+        )
         self._stats.rounds += 1
         self._stats.bytes_sent += result.bytes_sent
         self._stats.comm_seconds += result.comm_seconds
@@ -75,6 +80,8 @@ class ForegroundSync:
         return result.stop
 
     def stop(self) -> SyncStats:
+        if not self._size:
+            raise RuntimeError("ForegroundSync.start() was not called")
         if self.final_average:
             average(self.params, f"{self.name}.final", self._size)
         return self.stats

@@ -5,8 +5,9 @@ and by the foreground counterparts:
 
 1. ``outgoing(w)``: what this trainer contributes to one SUM-allreduce, given a
    snapshot ``w`` of its replica;
-2. ``incoming(w, total, n)``: the delta to *add* to the live replica once the
-   sum over ``n`` trainers arrives.
+2. ``incoming(w, total, n, last)``: the delta to *add* to the live replica once
+   the sum over ``n`` trainers arrives; ``last`` marks the lockstep stop round,
+   after which no worker trains against the result.
 
 Returning a delta against the snapshot (instead of new weights) keeps the
 progress that Hogwild workers made while the allreduce was in flight.
@@ -72,7 +73,9 @@ class Rule:
     def outgoing(self, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def incoming(self, w: torch.Tensor, total: torch.Tensor, n: int) -> torch.Tensor:
+    def incoming(
+        self, w: torch.Tensor, total: torch.Tensor, n: int, last: bool = False
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -84,7 +87,9 @@ class ModelAveraging(Rule):
     def outgoing(self, w: torch.Tensor) -> torch.Tensor:
         return w
 
-    def incoming(self, w: torch.Tensor, total: torch.Tensor, n: int) -> torch.Tensor:
+    def incoming(
+        self, w: torch.Tensor, total: torch.Tensor, n: int, last: bool = False
+    ) -> torch.Tensor:
         return ma_delta(w, total, n)
 
 
@@ -92,7 +97,8 @@ class ModelAveraging(Rule):
 class ElasticAveraging(Rule):
     """S-EASGD / FR-EASGD: replicas are tied elastically to a replicated centre variable.
 
-    `alpha` defaults to 0.9 / n (the EASGD paper's beta = n alpha = 0.9).
+    `alpha` defaults to 0.9 / n (the EASGD paper's beta = n alpha = 0.9); it
+    must stay below 2 / (n + 1), or replicas and centre oscillate apart.
     """
 
     alpha: float | None = None
@@ -104,14 +110,22 @@ class ElasticAveraging(Rule):
             raise ValueError(f"easgd alpha must be in (0, 1], got {self.alpha}")
 
     def start(self, w: torch.Tensor, n: int) -> None:
-        self.center = w.clone()
         if self.alpha is None:
             self.alpha = 0.9 / n
+        if self.alpha * (n + 1) >= 2.0:
+            # Without gradients the mean replica and the centre evolve by a 2x2 map with
+            # eigenvalues 1 and 1 - (n + 1) alpha: at or past 2 / (n + 1) they oscillate apart.
+            raise ValueError(
+                f"easgd alpha {self.alpha} with {n} trainers diverges; need alpha < {2 / (n + 1):.4g}"
+            )
+        self.center = w.clone()
 
     def outgoing(self, w: torch.Tensor) -> torch.Tensor:
         return easgd_elastic(w, self._center(), self._alpha())
 
-    def incoming(self, w: torch.Tensor, total: torch.Tensor, n: int) -> torch.Tensor:
+    def incoming(
+        self, w: torch.Tensor, total: torch.Tensor, n: int, last: bool = False
+    ) -> torch.Tensor:
         elastic = easgd_elastic(w, self._center(), self._alpha())
         self.center = easgd_center(self._center(), total)
         return -elastic
@@ -158,14 +172,22 @@ class BlockMomentum(Rule):
     def outgoing(self, w: torch.Tensor) -> torch.Tensor:
         return w
 
-    def incoming(self, w: torch.Tensor, total: torch.Tensor, n: int) -> torch.Tensor:
+    def incoming(
+        self, w: torch.Tensor, total: torch.Tensor, n: int, last: bool = False
+    ) -> torch.Tensor:
+        """The block update; the `last` round drops the momentum term.
+
+        Momentum extrapolates along the previous block for the next block's
+        training to correct; after the last round no block follows, and with
+        few, long blocks that uncorrected jump can undo much of the training.
+        """
         if self.global_w is None or self.momentum is None or self.block_momentum is None:
             raise RuntimeError("BlockMomentum.start() was not called")
         self.global_w, self.momentum, target = bmuf_update(
             self.global_w,
             self.momentum,
             total / n,
-            self.block_momentum,
+            0.0 if last else self.block_momentum,
             self.block_lr,
             self.nesterov,
         )

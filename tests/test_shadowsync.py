@@ -77,3 +77,12 @@ def test_min_iterations_holds_rounds_while_workers_idle(records):
         assert idle["rounds_after_tick"] == 2
         assert idle["rounds"] == 3  # plus the lockstep stop round
         assert idle["final"] == [1.5, 1.5]
+
+
+@pytest.mark.horovod
+def test_foreground_stop_request_is_kept_until_the_next_round(records):
+    # Rank 0 passes stop=True only at iteration 2; the round at iteration 5 carries it.
+    for rec in records:
+        fg = rec["foreground_stop"]
+        assert fg["left_at"] == 5 and fg["rounds"] == 1
+        assert fg["final"] == [1.5] * 10

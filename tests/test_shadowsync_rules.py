@@ -87,6 +87,16 @@ def test_bmuf_rule_returns_target_minus_snapshot():
     assert delta.item() == 1.5
 
 
+def test_bmuf_last_round_is_a_block_update_without_momentum():
+    rule = BlockMomentum(block_momentum=0.5)
+    rule.start(t(0), n=2)
+    assert rule.incoming(t(0), total=t(4), n=2).item() == 2.0  # mean 2: Delta 2, w_g 2
+    # mean 3: with momentum Delta would be 0.5 * 2 + 1 = 2 (w_g 4); the last round
+    # stops at the mean, where the workers actually are.
+    assert rule.incoming(t(2), total=t(6), n=2, last=True).item() == 1.0
+    assert rule.global_w.item() == 3.0
+
+
 def test_make_rule_validates():
     assert make_rule("ma").name == "ma"
     assert make_rule("easgd", alpha=0.2).alpha == 0.2
@@ -101,6 +111,15 @@ def test_make_rule_validates():
         make_rule("ma", alpha=0.1)
     with pytest.raises(RuntimeError, match="start"):
         ElasticAveraging(alpha=0.5).outgoing(t(1))
+
+
+def test_easgd_rejects_an_alpha_that_diverges():
+    # Idle rounds map (mean replica, centre) by eigenvalues 1 and 1 - (n + 1) alpha.
+    ElasticAveraging(alpha=0.66).start(t(0), n=2)
+    with pytest.raises(ValueError, match="diverges"):
+        ElasticAveraging(alpha=0.7).start(t(0), n=2)
+    with pytest.raises(ValueError, match="diverges"):
+        ElasticAveraging(alpha=0.5).start(t(0), n=3)
 
 
 def test_flat_roundtrip_and_in_place_add():

@@ -68,12 +68,22 @@ def train(kind: str, algorithm: str, data, held_out) -> dict:
 
     stats = None
     if kind == "shadow":
-        with ShadowSync(model, algorithm, name=f"t.{algorithm}", final_average=False) as sync:
+        # bmuf: rounds only after local progress, or the idle rounds while the other
+        # rank finishes would replay its block momentum far past the trained weights.
+        idle_guard = {"min_iterations": 1} if algorithm == "bmuf" else {}
+        with ShadowSync(
+            model, algorithm, name=f"t.{algorithm}", final_average=False, **idle_guard
+        ) as sync:
             Hogwild(model, lr=LR, on_step=sync.tick).run(loss_fn, shards(data, 2))
             # Both ranks done before the stop round, so replicas can be compared after it.
             hvd.allreduce(torch.zeros(1), name=f"t.{algorithm}.trained")
-            if algorithm != "bmuf":  # bmuf sets replicas equal every round; idle
-                settle(sync, rounds=5)  # rounds would only replay its block momentum
+            if algorithm == "bmuf":
+                # A round may still be in flight with a snapshot from mid-training; one
+                # more gated round makes every snapshot in the stop round fresh.
+                sync.tick()
+                settle(sync, rounds=1)
+            else:
+                settle(sync, rounds=5)
         stats = sync.stats.as_dict()
     elif kind == "foreground":
         with ForegroundSync(
@@ -126,6 +136,16 @@ def idle_rounds() -> dict:
     }
 
 
+def foreground_stop() -> dict:
+    """Rank 0 asks to stop once, between rounds: the request waits for the next round."""
+    value = torch.full((10,), float(hvd.rank() + 1))
+    with ForegroundSync([value], "ma", every=5, name="t.fr.stop", broadcast=False) as sync:
+        for i in range(1, 51):
+            if sync.step(stop=hvd.rank() == 0 and i == 2):
+                break
+    return {"left_at": i, "rounds": sync.stats.rounds, "final": value.tolist()}
+
+
 def main(out_dir: Path) -> None:
     hvd.init()
     torch.set_num_threads(1)
@@ -145,6 +165,7 @@ def main(out_dir: Path) -> None:
         record["runs"][label] = train(kind, algorithm, data, held_out)
     record["uneven"] = uneven_finish()
     record["idle"] = idle_rounds()
+    record["foreground_stop"] = foreground_stop()
     (out_dir / f"rank{hvd.rank()}.json").write_text(json.dumps(record))
     hvd.shutdown()
 
