@@ -109,6 +109,19 @@ def test_unknown_skill_is_a_clear_error():
     env.reset(seed=0)
     with pytest.raises(ValueError, match="unknown skill"):
         env.unwrapped.execute_skill("dance")
+    with pytest.raises(ValueError, match="no 'zzz cube' in this scene"):
+        env.unwrapped.execute_skill("move above the zzz cube")
+
+
+@pytest.mark.parametrize("action", [[np.nan, 0, 0, 0], [0.1, 0.2], [[0, 0, 0, 1]]])
+def test_malformed_low_level_action_is_a_clear_error(action):
+    env = gym.make("tabletop/Push-v0", images=False)
+    env.reset(seed=0)
+    state = env.unwrapped.data.qpos.copy()
+    with pytest.raises(ValueError, match="4 finite numbers"):
+        env.step(action)
+    np.testing.assert_array_equal(env.unwrapped.data.qpos, state)  # nothing was simulated
+    assert env.unwrapped.metadata["render_fps"] == 25  # 0.002 s x frame_skip 20
 
 
 def test_readme_environments_snippet_runs():

@@ -78,6 +78,8 @@ class TabletopEnv(gym.Env):
         self.render_mode = render_mode
         self._names = object_names(tasks.TASKS[task].scene)
         self.model = mujoco.MjModel.from_xml_string(scene_xml(tasks.TASKS[task].scene))
+        control_hz = 1.0 / (self.model.opt.timestep * frame_skip)
+        self.metadata = {**self.metadata, "render_fps": round(control_hz)}  # one frame a step
         self.data = mujoco.MjData(self.model)
         self.arm = ArmIK(self.model)
         self._home_q = self._solve_home()
@@ -135,7 +137,12 @@ class TabletopEnv(gym.Env):
         return self._observation(), self._info()
 
     def step(self, action):
-        reward, success = self._advance(np.asarray(action, dtype=np.float64))
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (4,) or not np.all(np.isfinite(action)):
+            raise ValueError(
+                f"action must be 4 finite numbers (dx, dy, dz, gripper), got {action.tolist()!r}"
+            )
+        reward, success = self._advance(action)
         return self._observation(), reward, success, False, self._info()
 
     def render(self):
@@ -197,6 +204,10 @@ class TabletopEnv(gym.Env):
     def execute_skill(self, skill: str, point: tuple[float, float] | None = None) -> SkillResult:
         """Run a skill sentence (or move_to_pixel for `point`) until done or timeout."""
         parsed = skills.parse_skill(skills.point_skill(*point) if point is not None else skill)
+        objects = self._priv["objects"]
+        for name in (parsed.target, parsed.goal):
+            if name and name != skills.TABLE and name not in objects:
+                raise ValueError(f"no {name!r} in this scene; it has {sorted(objects)}")
         target = self.point_to_table(*parsed.point) if parsed.verb == "move_to" else None
         total, success = 0.0, False
         for n in range(SKILL_TIMEOUT + 1):
