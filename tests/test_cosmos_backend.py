@@ -9,6 +9,7 @@ plain random checkpoints produce garbage, which exercises retries and fallback.
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import numpy as np
@@ -205,7 +206,7 @@ def test_options_are_validated_and_converted():
             CosmosOptions.parse(bad)
 
 
-def test_bad_checkpoints_are_clear_errors(tmp_path):
+def test_bad_checkpoints_are_clear_errors(checkpoints, tmp_path):
     with pytest.raises(BackendError, match="needs --model"):
         load_backend("cosmos", ENV, None)
     with pytest.raises(BackendError, match="cannot load"):
@@ -213,6 +214,11 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(BackendError, match="not supported"):
         load_backend("cosmos", ENV, str(tmp_path))
+    no_weights = shutil.copytree(checkpoints["random"], tmp_path / "no-weights")
+    for weights in no_weights.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(BackendError, match="cannot load"):
+        load_backend("cosmos", ENV, str(no_weights))
 
 
 @pytest.mark.skipif(has_video_support(), reason="torchvision present: video is supported")

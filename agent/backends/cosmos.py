@@ -133,8 +133,12 @@ class CosmosBackend(Backend):
         device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = opts.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         _check_video(opts)
-        processor = load_processor(model, model_type)
-        self._setup(load_model(model, model_type, getattr(torch, dtype), device), processor, opts)
+        try:
+            processor = load_processor(model, model_type)
+            loaded = load_model(model, model_type, getattr(torch, dtype), device)
+        except (OSError, ValueError) as exc:  # missing weights, tokenizer or processor files
+            raise BackendError(f"cannot load Cosmos-Reason checkpoint {model!r}: {exc}") from exc
+        self._setup(loaded, processor, opts)
 
     @classmethod
     def from_loaded(
