@@ -135,10 +135,12 @@ def launch(trainers: int, sequence: list[str], args, prefix: list[str]) -> list[
     try:
         output, _ = proc.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired as exc:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
         msg = f"horovodrun with {trainers} trainers timed out after {args.timeout}s"
         raise SystemExit(msg) from exc
+    finally:  # also on Ctrl-C or SIGTERM: no trainers left running (in a deleted namespace)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"horovodrun with {trainers} trainers failed:\n{output[-4000:]}")
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(trainers)]
@@ -282,6 +284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the trainers are killed and the namespace removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rows: list[dict] = []
     curves: dict[str, list] = {}
     with contextlib.ExitStack() as stack:
