@@ -152,33 +152,35 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
     running = set(range(len(procs)))
     deadline = time.monotonic() + args.deadline_s
-    with tqdm(total=args.episodes, unit="episode", file=sys.stderr, leave=False) as bar:
-        while running and time.monotonic() < deadline:
-            try:
-                event = out.get(timeout=TICK_S)
-            except queue.Empty:
-                continue
-            kind, index, payload = event["kind"], event["robot"], event["payload"]
-            if kind == "episode":
-                results.append(payload)
-                bar.update(1)
-                outcome = {True: "success", False: "FAILED", None: "ended"}[payload["success"]]
-                bar.write(
-                    f"robot {index}  episode {len(results):3d}  {outcome:7s}  "
-                    f"{payload['decisions']:3d} decisions  "
-                    f"median {np.median(payload['latencies_ms']):6.2f} ms  "
-                    f"reward {payload['total_reward']:8.2f}"
-                )
-            elif kind == "error":
-                errors.append(f"robot {index} failed:\n{payload}")
-            else:
-                running.discard(index)
-                if payload != 0 and not any(e.startswith(f"robot {index} ") for e in errors):
-                    errors.append(f"robot {index} exited with code {payload}")
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    try:  # robots never outlive this script (deadline, Ctrl-C, a crash)
+        with tqdm(total=args.episodes, unit="episode", file=sys.stderr, leave=False) as bar:
+            while running and time.monotonic() < deadline:
+                try:
+                    event = out.get(timeout=TICK_S)
+                except queue.Empty:
+                    continue
+                kind, index, payload = event["kind"], event["robot"], event["payload"]
+                if kind == "episode":
+                    results.append(payload)
+                    bar.update(1)
+                    outcome = {True: "success", False: "FAILED", None: "ended"}[payload["success"]]
+                    bar.write(
+                        f"robot {index}  episode {len(results):3d}  {outcome:7s}  "
+                        f"{payload['decisions']:3d} decisions  "
+                        f"median {np.median(payload['latencies_ms']):6.2f} ms  "
+                        f"reward {payload['total_reward']:8.2f}"
+                    )
+                elif kind == "error":
+                    errors.append(f"robot {index} failed:\n{payload}")
+                else:
+                    running.discard(index)
+                    if payload != 0 and not any(e.startswith(f"robot {index} ") for e in errors):
+                        errors.append(f"robot {index} exited with code {payload}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
     if running:
         errors.append(f"deadline of {args.deadline_s} s passed with robots {sorted(running)} busy")
 
