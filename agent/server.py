@@ -307,17 +307,26 @@ class Server:
         for waiting, result in zip(batch, results, strict=True):
             req = waiting.request
             obs = req.observation
+            timing = {
+                "queue_ms": 1e3 * (start - waiting.received),
+                "inference_ms": 1e3 * inference_s,
+                "batch_size": len(batch),
+            }
+            if not isinstance(result, P.ProtocolError):
+                try:  # a malformed decision (a backend bug) must not take the loop down
+                    reply = P.encode_decision(req, result, model_id, model_version, timing)
+                except Exception as exc:
+                    log.exception(
+                        "backend %s returned a decision that cannot be sent", self.backend.name
+                    )
+                    result = P.ProtocolError(
+                        P.INTERNAL_ERROR, f"backend decision cannot be sent: {exc}"
+                    )
             if isinstance(result, P.ProtocolError):
                 c["errors"] += 1
                 reply = P.encode_error(result.code, result.message, req.request_id, obs.episode_id)
             else:
                 c["decisions"] += 1
-                timing = {
-                    "queue_ms": 1e3 * (start - waiting.received),
-                    "inference_ms": 1e3 * inference_s,
-                    "batch_size": len(batch),
-                }
-                reply = P.encode_decision(req, result, model_id, model_version, timing)
                 self.episodes.record(obs, req.reward, result, timing, model_id, model_version)
             sock.send_multipart([*waiting.envelope, reply])
         c["busy_s"] += time.perf_counter() - start

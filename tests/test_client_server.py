@@ -147,6 +147,29 @@ def test_backend_failure_only_hits_the_robot_that_caused_it():
     assert results == {"r0": P.BACKEND_ERROR, "r1": 0, "r2": 0, "r3": 0}
 
 
+class MalformedDecision(Backend):
+    """A buggy backend: its decision for instruction "bad" cannot be encoded."""
+
+    name = "malformed"
+
+    def decide(self, batch):
+        return [
+            Decision(point=("x", "y")) if obs.instruction == "bad" else Decision(skill="ok")
+            for obs in batch
+        ]
+
+
+def test_a_decision_that_cannot_be_sent_is_an_error_reply_and_the_server_stays_up():
+    with (
+        running_server(MalformedDecision(TEST_ENV)) as server,
+        AgentClient(server.endpoint, timeout_ms=5000) as client,
+    ):
+        with pytest.raises(ServerError) as err:
+            client.decide(episode_id="e", step=0, instruction="bad")
+        assert err.value.code == P.INTERNAL_ERROR and "cannot be sent" in err.value.message
+        assert client.decide(episode_id="e", step=0, instruction="fine").decision.skill == "ok"
+
+
 def test_end_episode_records_full_transitions(tmp_path):
     with (
         running_server(record_dir=tmp_path) as server,
