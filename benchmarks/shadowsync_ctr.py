@@ -209,19 +209,26 @@ def plot(rows: list[dict], curves: dict[str, list], out: Path, title: str) -> li
             ax.plot(*zip(*pts, strict=True), marker="o", label=algo)
     ax.set(xlabel="trainers", ylabel="examples / s", title=f"EPS vs trainers{title}")
     ax.legend(fontsize=7)
-    eps_png = out / "eps_vs_trainers.png"
-    fig.savefig(eps_png, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    eps_png = save_png(fig, out / "eps_vs_trainers.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for algo, curve in curves.items():
         if curve:
             ax.plot(*zip(*curve, strict=True), label=algo)
     ax.set(xlabel="seconds", ylabel="NE (held-out, lower is better)", title=f"NE vs time{title}")
     ax.legend(fontsize=7)
-    ne_png = out / "ne_vs_time.png"
-    fig.savefig(ne_png, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    ne_png = save_png(fig, out / "ne_vs_time.png")
     return [eps_png, ne_png]
+
+
+def save_png(fig, path: Path) -> Path:
+    """Write the figure atomically (a reader never sees half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def table(rows: list[dict]) -> str:
