@@ -236,9 +236,6 @@ class EpisodeWriter:
                 self.failures += 1
                 log.exception("could not record episode %s", buf.episode_id)
 
-    def pending(self) -> int:
-        return self._queue.qsize()
-
     def close(self, timeout: float | None = 60.0) -> None:
         """Flush every submitted episode and stop the thread."""
         if self._thread.is_alive():

@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 
 from agent.backends.base import Backend, BackendError, Decision, EnvInfo, Observation
-from agent.reasoning import STYLES, build_messages, format_question, parse_answer
+from agent.reasoning import (
+    STYLES,
+    build_messages,
+    format_question,
+    parse_answer,
+    style_for_model_type,
+)
 
 FALLBACKS = ("oracle", "first", "noop")
 MAX_EPISODE_HISTORIES = 1024
@@ -158,7 +164,7 @@ class CosmosBackend(Backend):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.model_type = model.config.model_type
-        self.style = opts.style or ("reason1" if self.model_type == "qwen2_5_vl" else "reason2")
+        self.style = opts.style or style_for_model_type(self.model_type)
         self.device = str(model.device)
         self.compiled = opts.compile == "on" or (
             opts.compile == "auto" and self.device.startswith("cuda")
