@@ -90,7 +90,12 @@ def serve(args: argparse.Namespace) -> int:
         gateway = OpenpiGateway(
             local, args.openpi_host, args.openpi_port, max_message_bytes=config.max_message_bytes
         )
-        port = gateway.start()
+        try:
+            port = gateway.start()
+        except (ImportError, OSError) as exc:  # websockets missing, port in use
+            server.close()
+            print(f"agent serve: cannot start the openpi front door: {exc}", file=sys.stderr)
+            return 2
         print(
             f"[serve] openpi WebSocket front door on ws://{args.openpi_host}:{port} (GET /healthz)",
             flush=True,

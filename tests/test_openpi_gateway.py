@@ -147,3 +147,16 @@ def test_sigterm_with_an_open_openpi_robot_stops_promptly_and_records_it(tmp_pat
             server.wait(10)
     assert "could not close openpi episode" not in output, output
     assert [e.meta["end_reason"] for e in iter_episodes(tmp_path)] == ["end"]
+
+
+def test_serve_explains_a_busy_openpi_port(capsys):
+    import socket
+
+    from agent.cli import main as agent_main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        argv = ["serve", "--env", "Pusher-v5", "--bind", f"tcp://127.0.0.1:{free_port()}"]
+        assert agent_main([*argv, "--openpi-port", str(busy.getsockname()[1])]) == 2
+    assert "cannot start the openpi front door" in capsys.readouterr().err
