@@ -263,7 +263,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--interval", type=float, default=0.1, help="S-* least seconds per round (0: back to back)"
     )
     p.add_argument("--every", type=int, default=20, help="FR-* sync period in iterations")
-    p.add_argument("--workers", type=int, default=1, help="Hogwild threads per trainer")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Hogwild threads per trainer for none and S-* (FR-* and sync-sgd step on one thread)",
+    )
     p.add_argument("--lr", type=float, default=1.0, help="SGD learning rate per trainer")
     p.add_argument("--timeout", type=float, default=900, help="seconds per horovodrun job")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "shadowsync_ctr")

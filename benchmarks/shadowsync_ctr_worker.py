@@ -246,7 +246,12 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=50_000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1.0)
-    p.add_argument("--workers", type=int, default=1, help="Hogwild threads per trainer")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Hogwild threads per trainer for none and S-* (FR-* and sync-sgd: one)",
+    )
     p.add_argument("--every", type=int, default=20, help="FR-* sync period (iterations)")
     p.add_argument("--interval", type=float, default=0.0, help="S-* least seconds per round")
     p.add_argument("--budget-s", type=float, default=0.0, help="time cap per algorithm (0: none)")
