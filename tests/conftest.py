@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,26 +17,31 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 def horovodrun(
     np_: int, script: Path, *args: str, timeout: float = 240
 ) -> subprocess.CompletedProcess:
-    """Launch `script` on `np_` local ranks with Gloo; fail (never hang) after `timeout` s."""
+    """Launch `script` on `np_` local ranks with Gloo; fail (never hang) after `timeout` s.
+
+    The launcher runs in its own session so a timeout kills the ranks too, not
+    just horovodrun.
+    """
     launcher = Path(sys.executable).with_name("horovodrun")
-    cmd = [
-        str(launcher),
-        "-np",
-        str(np_),
-        "-H",
-        f"localhost:{np_}",
-        "--gloo",
-        sys.executable,
-        str(script),
-        *args,
-    ]
+    cmd = [str(launcher), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo"]
+    cmd += [sys.executable, str(script), *args]
+    popen = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"horovodrun timed out after {timeout}s: {exc.stdout!r} {exc.stderr!r}")
-    if proc.returncode != 0:
-        pytest.fail(f"horovodrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+        stdout, stderr = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        stdout, stderr = popen.communicate(timeout=30)
+        pytest.fail(f"horovodrun timed out after {timeout}s:\n{stdout}\n{stderr}")
+    if popen.returncode != 0:
+        pytest.fail(f"horovodrun failed ({popen.returncode}):\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
 
 
 @pytest.fixture
