@@ -147,14 +147,19 @@ class BlockMomentum(Rule):
 
     Defaults: block lr 1 and no Nesterov as in fairseq's BMUF; block momentum
     1 - 1/n as the BMUF paper advises (fairseq's 0.875 is that value for its
-    usual n = 8; with 2 trainers 0.875 overshoots and diverges).
+    usual n = 8; with 2 trainers 0.875 overshoots and diverges). The first
+    `warmup_rounds` rounds are plain model averaging with no momentum, like
+    fairseq's BMUF warm-up: early blocks move the weights far, and momentum
+    extrapolating those moves overshoots (seen as loss rising at 2 trainers).
     """
 
     block_momentum: float | None = None
     block_lr: float = 1.0
     nesterov: bool = False
+    warmup_rounds: int = 2
     global_w: torch.Tensor | None = field(default=None, repr=False)
     momentum: torch.Tensor | None = field(default=None, repr=False)
+    rounds: int = field(default=0, repr=False)
     name = "bmuf"
 
     def __post_init__(self) -> None:
@@ -162,6 +167,8 @@ class BlockMomentum(Rule):
             raise ValueError(f"bmuf block_momentum must be in [0, 1), got {self.block_momentum}")
         if self.block_lr <= 0.0:
             raise ValueError(f"bmuf block_lr must be > 0, got {self.block_lr}")
+        if self.warmup_rounds < 0:
+            raise ValueError(f"bmuf warmup_rounds must be >= 0, got {self.warmup_rounds}")
 
     def start(self, w: torch.Tensor, n: int) -> None:
         self.global_w = w.clone()
@@ -183,6 +190,11 @@ class BlockMomentum(Rule):
         """
         if self.global_w is None or self.momentum is None or self.block_momentum is None:
             raise RuntimeError("BlockMomentum.start() was not called")
+        self.rounds += 1
+        if self.rounds <= self.warmup_rounds:
+            self.global_w = total / n
+            self.momentum.zero_()
+            return ma_delta(w, total, n)
         self.global_w, self.momentum, target = bmuf_update(
             self.global_w,
             self.momentum,

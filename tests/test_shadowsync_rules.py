@@ -97,6 +97,19 @@ def test_bmuf_last_round_is_a_block_update_without_momentum():
     assert rule.global_w.item() == 3.0
 
 
+def test_bmuf_warmup_rounds_average_without_momentum():
+    rule = BlockMomentum(block_momentum=0.5, warmup_rounds=1)
+    rule.start(t(0), n=2)
+    assert rule.incoming(t(0), total=t(4), n=2).item() == 2.0  # warm-up: to the mean 2
+    assert rule.momentum.item() == 0.0  # the warm-up leaves no momentum behind
+    # mean 3: G = 1, Delta = 0.5 * 0 + 1 = 1, w_g 3 (2 momentum-free without the reset)
+    assert rule.incoming(t(2), total=t(6), n=2).item() == 1.0
+    # mean 3.5: G = 0.5, Delta = 0.5 * 1 + 0.5 = 1, w_g 4
+    assert rule.incoming(t(3), total=t(7), n=2).item() == 1.0
+    assert rule.global_w.item() == 4.0
+    assert BlockMomentum().warmup_rounds == 2
+
+
 def test_make_rule_validates():
     assert make_rule("ma").name == "ma"
     assert make_rule("easgd", alpha=0.2).alpha == 0.2
@@ -107,6 +120,8 @@ def test_make_rule_validates():
         make_rule("easgd", alpha=1.5)
     with pytest.raises(ValueError, match="block_momentum"):
         make_rule("bmuf", block_momentum=1.0)
+    with pytest.raises(ValueError, match="warmup_rounds"):
+        make_rule("bmuf", warmup_rounds=-1)
     with pytest.raises(TypeError):
         make_rule("ma", alpha=0.1)
     with pytest.raises(RuntimeError, match="start"):
