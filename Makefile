@@ -8,7 +8,7 @@ STAMP := $(VENV)/.bootstrapped
 export MUJOCO_GL ?= egl
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast lint format bench clean-venv
+.PHONY: demo test lint format clean-venv
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -19,9 +19,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
-
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not horovod"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -97,7 +97,6 @@ if ! horovod_ok 2>/dev/null; then
     say "reusing cached Horovod wheel in $WHEEL_DIR"
   fi
   "${PIP[@]}" -c "$CONSTRAINTS" --force-reinstall --no-deps "$WHEEL_DIR"/horovod-*.whl
-  "${PIP[@]}" -c "$CONSTRAINTS" cloudpickle psutil pyyaml packaging
 fi
 
 # --- the project --------------------------------------------------------------
