@@ -128,7 +128,7 @@ def episode_table(buf: EpisodeBuffer, end: EpisodeEnd, extra: dict[str, Any]) ->
             "time": row["time"],
             "instruction": obs.instruction,
             "options": obs.options,
-            "state": None if obs.state is None else obs.state,
+            "state": obs.state,
             "images": [
                 {"name": k, "height": v.shape[0], "width": v.shape[1], "data": v.tobytes()}
                 for k, v in obs.images.items()
