@@ -340,13 +340,11 @@ class Server:
                     f"backend returned {len(decisions)} decisions for {len(batch)} observations"
                 )
             return [_check_decision(o, d) for o, d in zip(batch, decisions, strict=True)]
-        except BackendError as exc:
-            if len(batch) > 1:
-                return [self._call_backend([obs])[0] for obs in batch]
-            return [P.ProtocolError(P.BACKEND_ERROR, str(exc))]
         except Exception as exc:
             if len(batch) > 1:
                 return [self._call_backend([obs])[0] for obs in batch]
+            if isinstance(exc, BackendError):
+                return [P.ProtocolError(P.BACKEND_ERROR, str(exc))]
             log.exception("backend %s failed", self.backend.name)
             return [P.ProtocolError(P.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")]
 
