@@ -20,27 +20,25 @@ def flatten(params: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def add_flat_(params: Sequence[torch.Tensor], delta: torch.Tensor) -> None:
     """Add a flat delta into the parameters in place, keeping concurrent worker progress."""
-    _check_size(params, delta)
-    offset = 0
     with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            p.data.add_(delta[offset : offset + n].view_as(p).to(p.dtype))
-            offset += n
+        for p, chunk in _chunks(params, delta):
+            p.data.add_(chunk.to(p.dtype))
 
 
 def copy_flat_(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
     """Overwrite the parameters with a flat vector (initial broadcast, final consensus)."""
-    _check_size(params, flat)
-    offset = 0
     with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            p.data.copy_(flat[offset : offset + n].view_as(p))
-            offset += n
+        for p, chunk in _chunks(params, flat):
+            p.data.copy_(chunk)
 
 
-def _check_size(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
-    total = sum(p.numel() for p in params)
-    if flat.dim() != 1 or flat.numel() != total:
-        raise ValueError(f"flat vector has shape {tuple(flat.shape)}, parameters need ({total},)")
+def _chunks(
+    params: Sequence[torch.Tensor], flat: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each parameter with its slice of `flat`, shaped like it (checked before any write)."""
+    sizes = [p.numel() for p in params]
+    if flat.dim() != 1 or flat.numel() != sum(sizes):
+        raise ValueError(
+            f"flat vector has shape {tuple(flat.shape)}, parameters need ({sum(sizes)},)"
+        )
+    return [(p, c.view_as(p)) for p, c in zip(params, flat.split(sizes), strict=True)]
