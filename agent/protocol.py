@@ -334,6 +334,10 @@ def parse_request(data: bytes | memoryview) -> Request:
             f"speaks {PROTOCOL_VERSION} (supported: {list(SUPPORTED_VERSIONS)})",
         )
     kind = msg.get("type")
+    if not isinstance(kind, str):  # an array here would make `kind == ...` below ambiguous
+        raise ProtocolError(
+            UNKNOWN_TYPE, f"message type must be a string, got {type(kind).__name__}"
+        )
     request_id = _bounded_int(msg, "request_id", _MAX_REQUEST_ID)
     if kind == "decide":
         robot_id, episode_id = _ident(msg, "robot_id"), _ident(msg, "episode_id")
