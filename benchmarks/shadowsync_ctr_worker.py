@@ -241,22 +241,21 @@ def train_one(algo: str, args, cfg: CTRConfig, train: Clicks, held_out: Clicks) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--algos", required=True)
-    p.add_argument("--examples", type=int, required=True, help="examples per trainer")
-    p.add_argument("--held-out", type=int, default=50_000)
+    # The launcher passes every run setting (its --help documents them and their defaults).
+    for flag, kind in [
+        ("--algos", str),
+        ("--examples", int),
+        ("--held-out", int),
+        ("--lr", float),
+        ("--workers", int),
+        ("--every", int),
+        ("--interval", float),
+        ("--budget-s", float),
+        ("--out", Path),
+    ]:
+        p.add_argument(flag, type=kind, required=True)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1.0)
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="Hogwild threads per trainer for none and S-* (FR-* and sync-sgd: one)",
-    )
-    p.add_argument("--every", type=int, default=20, help="FR-* sync period (iterations)")
-    p.add_argument("--interval", type=float, default=0.0, help="S-* least seconds per round")
-    p.add_argument("--budget-s", type=float, default=0.0, help="time cap per algorithm (0: none)")
-    p.add_argument("--curve-every", type=float, default=0.5)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--curve-every", type=float, default=0.5, help="seconds between NE snapshots")
     args = p.parse_args()
 
     hvd.init()
