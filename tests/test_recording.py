@@ -131,6 +131,7 @@ def test_sigkill_leaves_every_finished_episode_readable(tmp_path):
     for path in episode_paths(tmp_path):  # everything visible is a whole episode
         episode = read_episode(path)
         assert episode.meta["steps"] == len(episode) and episode.success
+        assert len(episode) == (20 if path.name.startswith("done-") else 200), path.name
 
 
 def test_sigterm_closes_open_episodes_as_truncated(tmp_path):
@@ -148,4 +149,5 @@ def test_sigterm_closes_open_episodes_as_truncated(tmp_path):
     assert server.returncode == 0, out
     (episode,) = list(iter_episodes(tmp_path))
     assert episode.meta["end_reason"] == "shutdown" and episode.meta["truncated"] is True
+    assert episode.column("step") == [0, 1, 2, 3]
     assert len(episode) == 4 and episode.column("truncated")[-1] is True
