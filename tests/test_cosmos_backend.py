@@ -122,6 +122,25 @@ def test_unparseable_answer_is_retried_with_more_tokens_then_falls_back(checkpoi
     assert stats["fallbacks"] == 2 and stats["fallback_first"] == 2
 
 
+def test_each_retry_gets_more_tokens_up_to_max_retry_tokens(checkpoints):
+    backend = load_backend(
+        "cosmos",
+        ENV,
+        str(checkpoints["cut_off"]),
+        temperature="0",
+        max_new_tokens="4",
+        min_new_tokens="1000",  # end of turn suppressed: every attempt uses its whole budget
+        retries="2",
+        max_retry_tokens="12",
+        fallback="first",
+    )
+    (decision,) = backend.decide(observations(1))
+    assert decision.reasoning.startswith("[cosmos fallback: unparseable answer] <think>hmm")
+    stats = backend.stats()
+    # budgets 4, 8, then 12 (16 capped): a generate of N tokens takes N - 1 decode steps
+    assert stats["generate_calls"] == 3 and stats["decode_steps"] == 3 + 7 + 11
+
+
 def test_oracle_fallback_uses_the_privileged_state(checkpoints):
     env = envs.make_skill_env("tabletop/PickPlace-v0", images=False)
     _, info = env.reset(seed=0)
@@ -188,6 +207,19 @@ def test_left_padded_batch_decodes_each_robot_as_if_alone(checkpoints, name):
     together = [d.reasoning for d in backend.decide(batch)]
     alone = [backend.decide([obs])[0].reasoning for obs in batch]
     assert together == alone
+
+
+@pytest.mark.parametrize("name", ["random", "random_r2"])
+def test_bucketed_static_cache_batch_decodes_like_the_plain_one(checkpoints, name):
+    """compile=on is CUDA's default path; on CPU it is the same minus torch.compile."""
+    options = dict(temperature="0", max_new_tokens="10", retries="0", fallback="first")
+    plain = load_backend("cosmos", ENV, str(checkpoints[name]), compile="off", **options)
+    bucketed = load_backend("cosmos", ENV, str(checkpoints[name]), compile="on", **options)
+    assert bucketed.compiled and not plain.compiled
+    batch = observations(3)  # padded to a batch of 4, prompts to a multiple of 64 tokens
+    expected = [d.reasoning for d in plain.decide(batch)]
+    assert [d.reasoning for d in bucketed.decide(batch)] == expected
+    assert bucketed.stats()["generate_calls"] == 1 and bucketed.stats()["decisions"] == 3
 
 
 def test_options_are_validated_and_converted():
