@@ -170,6 +170,9 @@ class CosmosBackend(Backend):
             opts.compile == "auto" and self.device.startswith("cuda")
         )
         self._histories: OrderedDict[str, deque[np.ndarray]] = OrderedDict()
+        # Fills a compiled batch up to its bucket: text only, so padding rows cost no
+        # image preprocessing or vision-tower work; their answers are dropped.
+        self._filler = self._prompt(Observation("", "", 0, options=["wait"]), remember=False)
         self._fallback_backend: Backend | None = None
         self._version = str(getattr(model.config, "_commit_hash", None) or "local")
         self.counters: dict[str, float] = dict.fromkeys(
@@ -338,7 +341,7 @@ class CosmosBackend(Backend):
 
         n = len(prompts)
         if self.compiled:  # few distinct shapes -> few compilations
-            prompts = prompts + [prompts[-1]] * (_bucket(n) - n)
+            prompts = prompts + [self._filler] * (_bucket(n) - n)
         inputs = self._encode(prompts)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens, repetition_penalty=self.options.repetition_penalty
