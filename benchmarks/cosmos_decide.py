@@ -293,9 +293,9 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for robots in args.robots or [1, 8, 32]:
         rows.append(in_process(backend, robots))
-        for size in range(1, robots + 1):  # the runtime forms any batch size up to `robots`:
-            if backend.compiled and size & (size - 1) == 0:  # compile each bucket first
-                backend.decide(observations(size))
+        if backend.compiled:  # the runtime forms any batch size up to `robots`:
+            for k in range((robots - 1).bit_length() + 1):  # compile each bucket first
+                backend.decide(observations(1 << k))
         rows.append(through_runtime(backend, robots, args.max_batch or robots, args.seconds))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {
