@@ -134,7 +134,7 @@ class TabletopEnv(gym.Env):
         mujoco.mj_forward(model, data)
         self._priv = self.privileged_state()
         self._success = tasks.is_success(self._priv)
-        return self._observation(), self._info()
+        return self.observation(), self.info()
 
     def step(self, action):
         action = np.asarray(action, dtype=np.float64)
@@ -143,7 +143,7 @@ class TabletopEnv(gym.Env):
                 f"action must be 4 finite numbers (dx, dy, dz, gripper), got {action.tolist()!r}"
             )
         reward, success = self._advance(action)
-        return self._observation(), reward, success, False, self._info()
+        return self.observation(), reward, success, False, self.info()
 
     def render(self):
         if self.render_mode == "rgb_array":
@@ -220,10 +220,20 @@ class TabletopEnv(gym.Env):
 
     def observation(self) -> dict[str, Any]:
         """The current observation (renders the cameras)."""
-        return self._observation()
+        obs: dict[str, Any] = {}
+        if self.images:
+            for key, camera in self.cameras:
+                obs[key] = self._render(camera)
+        obs["state"] = self._state()
+        obs["instruction"] = self.instruction
+        return obs
 
     def info(self) -> dict[str, Any]:
-        return self._info()
+        return {
+            "is_success": self._success,
+            "instruction": self.instruction,
+            "options": skills.options(self._priv),
+        }
 
     # --- internals ----------------------------------------------------------
 
@@ -262,13 +272,6 @@ class TabletopEnv(gym.Env):
                 return self._labels.get(name, "")
         return ""
 
-    def _info(self) -> dict[str, Any]:
-        return {
-            "is_success": self._success,
-            "instruction": self.instruction,
-            "options": skills.options(self._priv),
-        }
-
     def _state(self) -> np.ndarray:
         d = self.data
         state = np.concatenate(
@@ -281,15 +284,6 @@ class TabletopEnv(gym.Env):
             dtype=np.float32,
         )
         return np.clip(state, -STATE_BOUND, STATE_BOUND, out=state)
-
-    def _observation(self) -> dict[str, Any]:
-        obs: dict[str, Any] = {}
-        if self.images:
-            for key, camera in self.cameras:
-                obs[key] = self._render(camera)
-        obs["state"] = self._state()
-        obs["instruction"] = self.instruction
-        return obs
 
     def _render(self, camera: str) -> np.ndarray:
         if self._renderer is None:
