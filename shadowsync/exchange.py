@@ -23,7 +23,8 @@ from shadowsync.rules import Rule
 class RoundResult:
     stop: bool  # some rank asked to stop: every rank leaves after this round
     bytes_sent: int
-    comm_seconds: float
+    comm_seconds: float  # in the allreduce
+    round_seconds: float  # snapshot, allreduce and apply
 
 
 def run_round(
@@ -35,6 +36,7 @@ def run_round(
     poll_interval: float = 0.001,
 ) -> RoundResult:
     """Snapshot, exchange and apply one round of `rule`; returns whether all ranks stop now."""
+    round_started = time.perf_counter()
     snapshot = flatten(params)
     contribution = rule.outgoing(snapshot)
     flag = torch.tensor(
@@ -47,7 +49,12 @@ def run_round(
     last = bool(total[-1].item() > 0)
     add_flat_(params, rule.incoming(snapshot, total[:-1], n, last=last))
     nbytes = payload.numel() * payload.element_size()
-    return RoundResult(stop=last, bytes_sent=nbytes, comm_seconds=comm_seconds)
+    return RoundResult(
+        stop=last,
+        bytes_sent=nbytes,
+        comm_seconds=comm_seconds,
+        round_seconds=time.perf_counter() - round_started,
+    )
 
 
 def replicate(params: Sequence[torch.Tensor], name: str, root: int = 0) -> torch.Tensor:

@@ -72,10 +72,7 @@ class ForegroundSync:
         result = run_round(
             self.params, self.rule, f"{self.name}.round", self._size, stop=self._stop_asked
         )
-        self._stats.rounds += 1
-        self._stats.bytes_sent += result.bytes_sent
-        self._stats.comm_seconds += result.comm_seconds
-        self._stats.round_seconds += result.comm_seconds
+        self._stats.count_round(result)
         self._finished = result.stop
         return result.stop
 

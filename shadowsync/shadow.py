@@ -139,10 +139,7 @@ class ShadowSync:
                     poll_interval=self.poll_interval,
                 )
                 with self._lock:
-                    self._stats.rounds += 1
-                    self._stats.bytes_sent += result.bytes_sent
-                    self._stats.comm_seconds += result.comm_seconds
-                    self._stats.round_seconds += time.perf_counter() - started
+                    self._stats.count_round(result)
                 if result.stop:
                     return
                 rest = self.interval - (time.perf_counter() - started)
