@@ -23,6 +23,9 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """Run the decision server until SIGINT/SIGTERM."""
+    from agent.extras import require
+
+    require("serve", "agent serve")
     from agent.serve import serve
 
     return serve(args)
@@ -89,7 +92,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--reload-every-s",
         type=float,
         default=None,
-        help="ask the backend for newer weights this often",
+        help="look for a newer model version this often (default: the backend's own, "
+        "1 s for policy/onnx; others have no versions)",
     )
     serve.add_argument(
         "--curve",
@@ -135,9 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from agent.extras import MissingExtra
+
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except MissingExtra as exc:
+        print(f"agent {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

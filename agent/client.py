@@ -15,15 +15,27 @@ import itertools
 import os
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import zmq
 
 from agent import protocol as P
-from agent.backends.base import Decision
 from agent.curve import CurveKeys
+from agent.messages import (
+    DecideRequest,
+    DecisionReply,
+    EndedReply,
+    EndEpisode,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    Observation,
+    Reply,
+    Request,
+    StatsReply,
+    StatsRequest,
+)
 
 DEFAULT_TIMEOUT_MS = 10_000
 _robot_counter = itertools.count()
@@ -40,20 +52,6 @@ class ServerError(RuntimeError):
         super().__init__(f"[{code}] {message}")
         self.code = code
         self.message = message
-
-
-@dataclass
-class DecisionReply:
-    """A decision plus what the server says about how it was made."""
-
-    decision: Decision
-    request_id: int
-    episode_id: str
-    step: int
-    model_id: str
-    model_version: str
-    timing: dict[str, float]  # queue_ms, inference_ms, batch_size
-    latency_ms: float  # measured by this client, send to reply
 
 
 def default_robot_id() -> str:
@@ -120,14 +118,14 @@ class AgentClient:
 
     # ------------------------------------------------------------------ requests
 
-    def _request(self, build: Any) -> tuple[P.Reply, float]:
-        """Send `build(request_id)`, return the matching reply and its latency in ms."""
+    def _request(self, build: Callable[[int], Request], expect: type) -> tuple[Any, float]:
+        """Send `build(request_id)`; return the matching reply (of type `expect`) and its latency."""
         if self._socket is None:
             raise RuntimeError("client is closed")
         payload = b""
         for attempt in range(self.retries + 1):
             request_id = next(self._ids)
-            payload = build(request_id)
+            payload = P.encode(build(request_id))
             limit = (self._metadata or {}).get("max_message_bytes")
             if limit is not None and len(payload) > limit:
                 raise ValueError(
@@ -143,6 +141,10 @@ class AgentClient:
                 reply = None
                 time.sleep(min(0.5, self.timeout_ms / 4000.0))  # let its successor start
             if reply is not None:
+                if not isinstance(reply, expect):
+                    raise P.ProtocolError(
+                        P.BAD_MESSAGE, f"expected a {expect.TYPE} reply, got {reply.TYPE!r}"
+                    )
                 return reply, 1e3 * (time.perf_counter() - sent)
             self.reconnect()
             if attempt == self.retries:
@@ -158,7 +160,7 @@ class AgentClient:
             f"({self.retries + 1} attempt(s)){hint}"
         )
 
-    def _await(self, request_id: int, sent: float) -> P.Reply | None:
+    def _await(self, request_id: int, sent: float) -> Reply | None:
         deadline = sent + self.timeout_ms / 1000.0
         assert self._socket is not None
         while (left := deadline - time.perf_counter()) > 0:
@@ -166,20 +168,19 @@ class AgentClient:
                 continue
             reply = P.parse_reply(self._socket.recv(copy=False).buffer)
             if reply.request_id == request_id:
-                if reply.type == "error":
-                    raise ServerError(reply.error_code or "?", reply.error_message or "")
+                if isinstance(reply, ErrorReply):
+                    raise ServerError(reply.code or "?", reply.message or "")
                 return reply
             self.stale_replies += 1  # a late answer to an earlier, timed-out request
         return None
 
     def hello(self) -> dict[str, Any]:
         """Handshake: the server's metadata (protocol, env, spaces, backend, limits)."""
-        reply, _ = self._request(lambda rid: P.encode_hello(rid, self.robot_id))
-        metadata = reply.body.get("metadata")
-        if not isinstance(metadata, dict):
+        reply, _ = self._request(lambda rid: Hello(rid, self.robot_id), HelloReply)
+        if not isinstance(reply.metadata, dict):
             raise P.ProtocolError(P.BAD_MESSAGE, "handshake reply carries no metadata")
-        self._metadata = metadata
-        return metadata
+        self._metadata = reply.metadata
+        return reply.metadata
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -188,48 +189,30 @@ class AgentClient:
     def decide(
         self,
         *,
-        episode_id: str,
-        step: int,
-        images: dict[str, np.ndarray] | None = None,
-        state: np.ndarray | None = None,
-        instruction: str = "",
-        options: list[str] | tuple[str, ...] = (),
-        sim: dict[str, Any] | None = None,
         reward: float | None = None,
+        seed: int | None = None,
+        task: str | None = None,
+        **observation: Any,
     ) -> DecisionReply:
-        """Ask for the next decision; `reward` is what the previous decision earned."""
+        """Ask for the next decision for an `Observation` given by its fields.
+
+        `episode_id` and `step` are required; `images`, `state`, `instruction`,
+        `options` and `sim` are optional (see `agent.messages.Observation`).
+        `reward` is what the previous decision earned; `seed` and `task` are
+        recorded in the episode's summary (send them with the first step).
+        """
+        obs = Observation(robot_id=self.robot_id, **observation)
         reply, latency_ms = self._request(
-            lambda rid: P.encode_decide(
-                rid,
-                self.robot_id,
-                episode_id,
-                step,
-                images=images,
-                state=state,
-                instruction=instruction,
-                options=options,
-                sim=sim,
-                reward=reward,
-            )
+            lambda rid: DecideRequest(rid, obs, reward, seed, task), DecisionReply
         )
-        if reply.type != "decision" or reply.decision is None:
-            raise P.ProtocolError(P.BAD_MESSAGE, f"expected a decision reply, got {reply.type!r}")
-        if reply.episode_id != episode_id or reply.step != step:
+        if reply.episode_id != obs.episode_id or reply.step != obs.step:
             raise P.ProtocolError(
                 P.BAD_MESSAGE,
                 f"reply for episode {reply.episode_id} step "
-                f"{reply.step}, asked for {episode_id} step {step}",
+                f"{reply.step}, asked for {obs.episode_id} step {obs.step}",
             )
-        return DecisionReply(
-            reply.decision,
-            reply.request_id or 0,
-            episode_id,
-            step,
-            reply.model_id or "",
-            reply.model_version or "",
-            reply.timing,
-            latency_ms,
-        )
+        reply.latency_ms = latency_ms
+        return reply
 
     def end_episode(
         self,
@@ -239,21 +222,16 @@ class AgentClient:
         terminated: bool = False,
         truncated: bool = False,
         success: bool | None = None,
-    ) -> dict[str, Any]:
+    ) -> EndedReply:
         """Tell the server the episode is over so it can record it (with the last reward)."""
         reply, _ = self._request(
-            lambda rid: P.encode_end(
-                rid,
-                self.robot_id,
-                episode_id,
-                reward=reward,
-                terminated=terminated,
-                truncated=truncated,
-                success=success,
-            )
+            lambda rid: EndEpisode(
+                rid, self.robot_id, episode_id, reward, terminated, truncated, success
+            ),
+            EndedReply,
         )
-        return reply.body
+        return reply
 
     def stats(self) -> dict[str, Any]:
-        reply, _ = self._request(P.encode_stats)
-        return reply.body.get("stats", {})
+        reply, _ = self._request(StatsRequest, StatsReply)
+        return reply.stats if isinstance(reply.stats, dict) else {}

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends.base import EnvInfo, Observation
+from agent.backends.base import EnvInfo
+from agent.messages import Observation
 from agent.protocol import BAD_OBSERVATION, ProtocolError
 
 
@@ -97,6 +98,15 @@ def observation_spec(space: Any) -> ObservationSpec:
     return ObservationSpec()
 
 
+def _is_skill_executor(env: Any) -> bool:
+    """Whether `env` keeps the skill contract (`envs.skill_env.SkillExecutor`)."""
+    try:
+        from envs.skill_env import SkillExecutor
+    except ImportError:  # a runtime without the tabletop suite serves plain gymnasium envs
+        return False
+    return isinstance(env, SkillExecutor)
+
+
 def describe_env(env_id: str) -> EnvDescription:
     """Make `env_id` once (tabletop ids are registered by importing `envs`) and describe it."""
     import gymnasium as gym
@@ -110,7 +120,7 @@ def describe_env(env_id: str) -> EnvDescription:
         raise ValueError(f"cannot make env {env_id!r}: {exc}") from exc
     try:
         base = env.unwrapped
-        has_skills = callable(getattr(base, "skill_options", None))
+        has_skills = _is_skill_executor(base)
         options: list[str] = []
         if has_skills:
             env.reset(seed=0)

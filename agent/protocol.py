@@ -1,8 +1,9 @@
 """The runtime's wire format: msgpack messages, numpy arrays in openpi's encoding.
 
-Pure functions only (no sockets): encode a message, decode and validate one.
-A robot needs this module, `agent.client`, pyzmq, msgpack and numpy, nothing
-else. Arrays travel as maps with the binary keys `__ndarray__`, `data`,
+Pure functions only (no sockets): `encode` any message of `agent.messages`,
+`parse_request` / `parse_reply` bytes back into one (validated). A robot needs
+this module, `agent.messages`, `agent.client`, pyzmq, msgpack and numpy,
+nothing else. Arrays travel as maps with the binary keys `__ndarray__`, `data`,
 `dtype`, `shape`, exactly like openpi's `msgpack_numpy`, so arrays packed by
 existing robot clients decode unchanged. Pickle never crosses the wire.
 See docs/protocol.md.
@@ -13,13 +14,27 @@ from __future__ import annotations
 import math
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import fields
 from typing import Any
 
 import msgpack
 import numpy as np
 
-from agent.backends.base import Decision, Observation
+from agent.messages import (
+    DecideRequest,
+    Decision,
+    DecisionReply,
+    EndedReply,
+    EndEpisode,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    Observation,
+    Reply,
+    Request,
+    StatsReply,
+    StatsRequest,
+)
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -48,6 +63,7 @@ _MAX_STATE = 4096
 _MAX_TEXT = 4096
 _MAX_OPTIONS = 64
 _MAX_OPTION_TEXT = 512
+_MAX_TASK = 128
 _MAX_REQUEST_ID = 2**63 - 1
 _MAX_STEP = 2**31 - 1
 
@@ -157,60 +173,6 @@ def unpackb(data: bytes | memoryview) -> Any:
         raise ProtocolError(BAD_MESSAGE, f"not a valid msgpack message: {exc}") from None
 
 
-# --------------------------------------------------------------------------- messages
-
-
-@dataclass
-class Hello:
-    request_id: int
-    robot_id: str
-
-
-@dataclass
-class DecideRequest:
-    """One robot asks for its next decision; `reward` is what its previous decision earned."""
-
-    request_id: int
-    observation: Observation
-    reward: float | None = None
-
-
-@dataclass
-class EndEpisode:
-    request_id: int
-    robot_id: str
-    episode_id: str
-    reward: float | None = None  # earned by the last decision
-    terminated: bool = False
-    truncated: bool = False
-    success: bool | None = None
-
-
-@dataclass
-class StatsRequest:
-    request_id: int
-
-
-Request = Hello | DecideRequest | EndEpisode | StatsRequest
-
-
-@dataclass
-class Reply:
-    """A decoded server reply (client side)."""
-
-    type: str
-    request_id: int | None
-    episode_id: str | None = None
-    step: int | None = None
-    decision: Decision | None = None
-    model_id: str | None = None
-    model_version: str | None = None
-    timing: dict[str, float] = field(default_factory=dict)
-    body: dict[str, Any] = field(default_factory=dict)  # metadata, stats, end summary
-    error_code: str | None = None
-    error_message: str | None = None
-
-
 # --------------------------------------------------------------------------- field checks
 
 
@@ -318,7 +280,7 @@ def _observation(msg: dict, robot_id: str, episode_id: str, step: int) -> Observ
     )
 
 
-# --------------------------------------------------------------------------- server side
+# --------------------------------------------------------------------------- parsing requests
 
 
 def parse_request(data: bytes | memoryview) -> Request:
@@ -339,12 +301,16 @@ def parse_request(data: bytes | memoryview) -> Request:
             UNKNOWN_TYPE, f"message type must be a string, got {type(kind).__name__}"
         )
     request_id = _bounded_int(msg, "request_id", _MAX_REQUEST_ID)
-    if kind == "decide":
+    if kind == DecideRequest.TYPE:
         robot_id, episode_id = _ident(msg, "robot_id"), _ident(msg, "episode_id")
         step = _bounded_int(msg, "step", _MAX_STEP)
         obs = _observation(msg, robot_id, episode_id, step)
-        return DecideRequest(request_id, obs, _finite(msg, "reward"))
-    if kind == "end":
+        seed = None if msg.get("seed") is None else _bounded_int(msg, "seed", _MAX_REQUEST_ID)
+        task = _field(msg, "task", str, optional=True)
+        if task is not None and len(task) > _MAX_TASK:
+            raise ProtocolError(BAD_REQUEST, f"field 'task' is longer than {_MAX_TASK} characters")
+        return DecideRequest(request_id, obs, _finite(msg, "reward"), seed, task)
+    if kind == EndEpisode.TYPE:
         success = _field(msg, "success", bool, optional=True)
         return EndEpisode(
             request_id,
@@ -355,9 +321,9 @@ def parse_request(data: bytes | memoryview) -> Request:
             bool(_field(msg, "truncated", bool)),
             success,
         )
-    if kind == "hello":
+    if kind == Hello.TYPE:
         return Hello(request_id, _ident(msg, "robot_id"))
-    if kind == "stats":
+    if kind == StatsRequest.TYPE:
         return StatsRequest(request_id)
     raise ProtocolError(
         UNKNOWN_TYPE, f"unknown message type {kind!r}; expected hello, decide, end or stats"
@@ -378,130 +344,82 @@ def peek_ids(data: bytes | memoryview) -> tuple[int | None, str | None]:
     return rid, eid
 
 
-def encode_error(
-    code: str, message: str, request_id: int | None = None, episode_id: str | None = None
-) -> bytes:
-    return packb(
-        {
-            "type": "error",
-            "protocol": PROTOCOL_VERSION,
-            "request_id": request_id,
-            "episode_id": episode_id,
-            "code": code,
-            "message": message,
-        }
-    )
+# --------------------------------------------------------------------------- encoding
 
 
-def encode_body(kind: str, request_id: int, body: dict[str, Any]) -> bytes:
-    """A `hello`, `ended` or `stats` reply."""
-    return packb({"type": kind, "protocol": PROTOCOL_VERSION, "request_id": request_id, **body})
+def _names(cls: type, *, without: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if f.name not in without)
 
 
-def encode_decision(
-    request: DecideRequest,
-    decision: Decision,
-    model_id: str,
-    model_version: str,
-    timing: dict[str, float],
-) -> bytes:
-    obs = request.observation
-    action = None if decision.action is None else np.asarray(decision.action, dtype=np.float32)
-    point = None if decision.point is None else [float(v) for v in decision.point]
-    return packb(
-        {
-            "type": "decision",
-            "protocol": PROTOCOL_VERSION,
-            "request_id": request.request_id,
-            "episode_id": obs.episode_id,
-            "step": obs.step,
-            "action": action,
-            "skill_index": None if decision.skill_index is None else int(decision.skill_index),
-            "skill": decision.skill,
-            "point": point,
-            "reasoning": decision.reasoning,
-            "model_id": model_id,
-            "model_version": model_version,
-            "timing": timing,
-        }
-    )
+# The wire body of each message: its dataclass fields, except where noted.
+_OBSERVATION_WIRE = _names(Observation, without=("robot_id", "episode_id", "step", "history"))
+_DECISION_WIRE = _names(Decision, without=("teacher",))
+_PLAIN_BODY = {
+    cls: _names(cls, without=("request_id",))
+    for cls in (Hello, EndEpisode, StatsRequest, HelloReply, EndedReply, StatsReply, ErrorReply)
+}
 
 
-# --------------------------------------------------------------------------- robot side
-
-
-def encode_hello(request_id: int, robot_id: str) -> bytes:
-    return packb(
-        {
-            "type": "hello",
-            "protocol": PROTOCOL_VERSION,
-            "request_id": request_id,
-            "robot_id": robot_id,
-        }
-    )
-
-
-def encode_decide(
-    request_id: int,
-    robot_id: str,
-    episode_id: str,
-    step: int,
-    *,
-    images: dict[str, np.ndarray] | None = None,
-    state: np.ndarray | None = None,
-    instruction: str = "",
-    options: list[str] | tuple[str, ...] = (),
-    sim: dict[str, Any] | None = None,
-    reward: float | None = None,
-) -> bytes:
-    observation = {
-        "images": images or {},
-        "state": state,
-        "instruction": instruction,
-        "options": list(options),
-        "sim": sim,
+def _decide_body(req: DecideRequest) -> dict[str, Any]:
+    obs = req.observation
+    return {
+        "robot_id": obs.robot_id,
+        "episode_id": obs.episode_id,
+        "step": obs.step,
+        "observation": {name: getattr(obs, name) for name in _OBSERVATION_WIRE},
+        "reward": req.reward,
+        "seed": req.seed,
+        "task": req.task,
     }
+
+
+def _decision_fields(decision: Decision) -> dict[str, Any]:
+    body = {name: getattr(decision, name) for name in _DECISION_WIRE}
+    if decision.action is not None:
+        body["action"] = np.asarray(decision.action, dtype=np.float32)
+    if decision.skill_index is not None:
+        body["skill_index"] = int(decision.skill_index)
+    if decision.point is not None:
+        body["point"] = [float(v) for v in decision.point]
+    if decision.confidence is not None:
+        body["confidence"] = float(decision.confidence)
+    return body
+
+
+def _decision_reply_body(reply: DecisionReply) -> dict[str, Any]:
+    return {
+        "episode_id": reply.episode_id,
+        "step": reply.step,
+        **_decision_fields(reply.decision),
+        "model_id": reply.model_id,
+        "model_version": reply.model_version,
+        "timing": reply.timing,
+    }
+
+
+def encode(message: Request | Reply) -> bytes:
+    """The msgpack bytes of any request or reply (one envelope for all of them)."""
+    if isinstance(message, DecideRequest):
+        body = _decide_body(message)
+    elif isinstance(message, DecisionReply):
+        body = _decision_reply_body(message)
+    else:
+        body = {name: getattr(message, name) for name in _PLAIN_BODY[type(message)]}
     return packb(
         {
-            "type": "decide",
+            "type": message.TYPE,
             "protocol": PROTOCOL_VERSION,
-            "request_id": request_id,
-            "robot_id": robot_id,
-            "episode_id": episode_id,
-            "step": step,
-            "observation": observation,
-            "reward": reward,
+            "request_id": message.request_id,
+            **body,
         }
     )
 
 
-def encode_end(
-    request_id: int,
-    robot_id: str,
-    episode_id: str,
-    *,
-    reward: float | None,
-    terminated: bool,
-    truncated: bool,
-    success: bool | None,
-) -> bytes:
-    return packb(
-        {
-            "type": "end",
-            "protocol": PROTOCOL_VERSION,
-            "request_id": request_id,
-            "robot_id": robot_id,
-            "episode_id": episode_id,
-            "reward": reward,
-            "terminated": terminated,
-            "truncated": truncated,
-            "success": success,
-        }
-    )
+# --------------------------------------------------------------------------- parsing replies
 
-
-def encode_stats(request_id: int) -> bytes:
-    return packb({"type": "stats", "protocol": PROTOCOL_VERSION, "request_id": request_id})
+_REPLIES: dict[str, type] = {
+    cls.TYPE: cls for cls in (HelloReply, EndedReply, StatsReply, ErrorReply)
+}
 
 
 def parse_reply(data: bytes | memoryview) -> Reply:
@@ -509,33 +427,21 @@ def parse_reply(data: bytes | memoryview) -> Reply:
     msg = unpackb(data)
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError(BAD_MESSAGE, "reply is not a typed map")
-    kind, rid = msg["type"], msg.get("request_id")
-    if kind == "error":
-        return Reply(
-            kind,
-            rid,
-            msg.get("episode_id"),
-            error_code=msg.get("code"),
-            error_message=msg.get("message"),
-        )
-    if kind == "decision":
+    kind = msg["type"]
+    if kind == DecisionReply.TYPE:
         point = msg.get("point")
-        decision = Decision(
-            action=msg.get("action"),
-            skill_index=msg.get("skill_index"),
-            skill=msg.get("skill"),
-            point=None if point is None else tuple(point),
-            reasoning=msg.get("reasoning"),
-        )
-        return Reply(
-            kind,
-            rid,
+        decision = Decision(**{name: msg.get(name) for name in _DECISION_WIRE})
+        decision.point = None if point is None else tuple(point)
+        return DecisionReply(
+            msg.get("request_id"),
             msg.get("episode_id"),
             msg.get("step"),
             decision,
-            msg.get("model_id"),
-            msg.get("model_version"),
+            msg.get("model_id") or "",
+            msg.get("model_version") or "",
             msg.get("timing") or {},
         )
-    body = {k: v for k, v in msg.items() if k not in ("type", "protocol", "request_id")}
-    return Reply(kind, rid, body=body)
+    cls = _REPLIES.get(kind)
+    if cls is None:
+        raise ProtocolError(BAD_MESSAGE, f"unknown reply type {kind[:64]!r}")
+    return cls(msg.get("request_id"), **{name: msg.get(name) for name in _PLAIN_BODY[cls]})

@@ -1,105 +1,33 @@
-"""Episodes on disk: one Parquet file per finished episode, written atomically.
+"""The server's side of recording: open episodes, idle timeouts and the writer thread.
 
-The server appends steps to an `EpisodeBuffer` (cheap: it keeps references)
-and hands finished episodes to an `EpisodeWriter`, whose background thread
-turns them into Arrow tables and writes `DIR/<episode_id>.parquet` via a
-temporary file in `DIR/.tmp/`, fsync and `os.replace`. A reader therefore sees
-either a whole episode or none of it, even after SIGKILL. The trainer reads
-episodes with `read_episode` / `iter_episodes`. Format: docs/episodes.md.
+`EpisodeBook` (single-threaded, owned by the decision loop) keeps every open
+episode: the skills it was answered (the `history` a policy with memory
+needs) and, when recording, its steps (references, cheap). Finished episodes
+go to the `EpisodeWriter`, whose thread turns them into Parquet files with
+`agent.store`, so the decision loop never waits on disk. File format and
+readers: `agent.store`, docs/episodes.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+from agent.messages import Decision, EndEpisode, Observation
+from agent.store import (
+    Step,
+    episode_table,
+    free_path,
+    remove_stale_tmp,
+    write_atomically,
+)
 
-from agent.backends.base import Decision, Observation
-
-FORMAT_VERSION = 1
-METADATA_KEY = b"embodied_agent.episode"
-TMP_DIRNAME = ".tmp"
 log = logging.getLogger(__name__)
-
-_IMAGE = pa.struct(
-    [("name", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("data", pa.binary())]
-)
-SCHEMA = pa.schema(
-    [
-        ("episode_id", pa.string()),
-        ("robot_id", pa.string()),
-        ("step", pa.int32()),
-        ("time", pa.float64()),
-        ("instruction", pa.string()),
-        ("options", pa.list_(pa.string())),
-        ("state", pa.list_(pa.float32())),
-        ("images", pa.list_(_IMAGE)),
-        ("action", pa.list_(pa.float32())),
-        ("skill_index", pa.int32()),
-        ("skill", pa.string()),
-        ("point", pa.list_(pa.float32())),
-        ("reasoning", pa.string()),
-        ("reward", pa.float64()),
-        ("terminated", pa.bool_()),
-        ("truncated", pa.bool_()),
-        ("queue_ms", pa.float32()),
-        ("inference_ms", pa.float32()),
-        ("batch_size", pa.int32()),
-        ("model_id", pa.string()),
-        ("model_version", pa.string()),
-    ]
-)
-
-
-@dataclass
-class EpisodeBuffer:
-    """Steps of one episode still in progress (server side, single-threaded)."""
-
-    episode_id: str
-    robot_id: str
-    env_id: str
-    started_at: float = field(default_factory=time.time)
-    rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> row
-    last_step: int | None = None
-
-    def add_step(
-        self,
-        obs: Observation,
-        decision: Decision,
-        timing: dict[str, float],
-        model_id: str,
-        model_version: str,
-    ) -> None:
-        """Record a decision; a repeated step (client retry) replaces the earlier one."""
-        self.rows[obs.step] = {
-            "obs": obs,
-            "decision": decision,
-            "time": time.time(),
-            "reward": None,
-            "timing": timing,
-            "model_id": model_id,
-            "model_version": model_version,
-        }
-        self.last_step = obs.step
-
-    def set_reward(self, step: int, reward: float | None) -> None:
-        """Attach the reward a decision earned (reported with the robot's next message)."""
-        if reward is not None and step in self.rows:
-            self.rows[step]["reward"] = reward
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
 
 @dataclass
@@ -112,84 +40,27 @@ class EpisodeEnd:
     success: bool | None = None
 
 
-def episode_table(buf: EpisodeBuffer, end: EpisodeEnd, extra: dict[str, Any]) -> pa.Table:
-    """Arrow table of a finished episode, its summary in the schema metadata."""
-    steps = sorted(buf.rows)
-    cols: dict[str, list] = {name: [] for name in SCHEMA.names}
-    for i, step in enumerate(steps):
-        row = buf.rows[step]
-        obs: Observation = row["obs"]
-        dec: Decision = row["decision"]
-        last = i == len(steps) - 1
-        values = {
-            "episode_id": buf.episode_id,
-            "robot_id": buf.robot_id,
-            "step": step,
-            "time": row["time"],
-            "instruction": obs.instruction,
-            "options": obs.options,
-            "state": obs.state,
-            "images": [
-                {"name": k, "height": v.shape[0], "width": v.shape[1], "data": v.tobytes()}
-                for k, v in obs.images.items()
-            ],
-            "action": None if dec.action is None else np.asarray(dec.action, np.float32),
-            "skill_index": dec.skill_index,
-            "skill": dec.skill,
-            "point": None if dec.point is None else list(dec.point),
-            "reasoning": dec.reasoning,
-            "reward": row["reward"],
-            "terminated": last and end.terminated,
-            "truncated": last and end.truncated,
-            "queue_ms": row["timing"].get("queue_ms"),
-            "inference_ms": row["timing"].get("inference_ms"),
-            "batch_size": row["timing"].get("batch_size"),
-            "model_id": row["model_id"],
-            "model_version": row["model_version"],
-        }
-        for name, value in values.items():
-            cols[name].append(value)
-    rewards = [r for r in cols["reward"] if r is not None]
-    summary = {
-        "format_version": FORMAT_VERSION,
-        "episode_id": buf.episode_id,
-        "robot_id": buf.robot_id,
-        "env_id": buf.env_id,
-        "steps": len(steps),
-        "first_step": steps[0] if steps else None,
-        "total_reward": float(sum(rewards)),
-        "success": end.success,
-        "terminated": end.terminated,
-        "truncated": end.truncated,
-        "end_reason": end.reason,
-        "started_at": buf.started_at,
-        "ended_at": time.time(),
-        **extra,
-    }
-    table = pa.Table.from_pydict(cols, schema=SCHEMA)
-    return table.replace_schema_metadata({METADATA_KEY: json.dumps(summary).encode()})
+@dataclass
+class EpisodeBuffer:
+    """One open episode (server side, single-threaded)."""
 
+    episode_id: str
+    robot_id: str
+    env_id: str
+    started_at: float = field(default_factory=time.time)
+    steps: dict[int, Step] = field(default_factory=dict)  # step -> recorded decision
+    skills: dict[int, str] = field(default_factory=dict)  # step -> skill answered
+    decisions: int = 0
+    last_step: int | None = None
+    seed: int | None = None
+    task: str | None = None
 
-def write_atomically(table: pa.Table, path: Path) -> None:
-    """Write `table` to `path` so that readers never see a partial file."""
-    tmp_dir = path.parent / TMP_DIRNAME
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    def history(self, step: int) -> list[str]:
+        """Skills answered before `step`, oldest first (a retried step sees the same history)."""
+        return [self.skills[s] for s in sorted(self.skills) if s < step]
+
+    def __len__(self) -> int:
+        return len(self.steps)
 
 
 class EpisodeWriter:
@@ -201,7 +72,7 @@ class EpisodeWriter:
     def __init__(self, directory: str | Path, extra_metadata: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_tmp()
+        remove_stale_tmp(self.directory)
         self._extra = dict(extra_metadata or {})
         self._queue: queue.Queue[tuple[EpisodeBuffer, EpisodeEnd] | None] = queue.Queue()
         self.written = 0  # episodes written so far
@@ -209,28 +80,19 @@ class EpisodeWriter:
         self._thread = threading.Thread(target=self._run, name="episode-writer", daemon=True)
         self._thread.start()
 
-    def _remove_stale_tmp(self) -> None:
-        """Temporary files left by a killed server are never episodes; clear them."""
-        for stale in (self.directory / TMP_DIRNAME).glob("*.tmp"):
-            stale.unlink(missing_ok=True)
-
     def submit(self, buf: EpisodeBuffer, end: EpisodeEnd) -> None:
         if len(buf):
             self._queue.put((buf, end))
-
-    def _path_for(self, episode_id: str) -> Path:
-        """A free file name (only this thread creates files here, so checking is enough)."""
-        name, n = f"{episode_id}.parquet", 1
-        while (self.directory / name).exists():
-            name, n = f"{episode_id}.{n}.parquet", n + 1
-        return self.directory / name
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             buf, end = item
             try:
-                path = self._path_for(buf.episode_id)
-                write_atomically(episode_table(buf, end, self._extra), path)
+                steps = [buf.steps[s] for s in sorted(buf.steps)]
+                write_atomically(
+                    episode_table(steps, summary(buf, end, self._extra)),
+                    free_path(self.directory, buf.episode_id),
+                )
                 self.written += 1
             except Exception:
                 self.failures += 1
@@ -243,87 +105,114 @@ class EpisodeWriter:
             self._thread.join(timeout)
 
 
-# --------------------------------------------------------------------------- reading
+def summary(buf: EpisodeBuffer, end: EpisodeEnd, extra: dict[str, Any]) -> dict[str, Any]:
+    """What the recorder knows of a finished episode (docs/episodes.md, "Episode summary")."""
+    return {
+        "episode_id": buf.episode_id,
+        "robot_id": buf.robot_id,
+        "env_id": buf.env_id,
+        "success": end.success,
+        "terminated": end.terminated,
+        "truncated": end.truncated,
+        "end_reason": end.reason,
+        "started_at": buf.started_at,
+        "ended_at": time.time(),
+        "seed": buf.seed,
+        "task": buf.task,
+        **extra,
+    }
 
 
-@dataclass
-class Episode:
-    """One recorded episode: its summary (`meta`) and its steps (`table`)."""
+class EpisodeBook:
+    """The open episodes of one server. Finished ones go to the writer when recording is on;
+    otherwise only step counts and answered skills are kept (no observations)."""
 
-    path: Path
-    meta: dict[str, Any]
-    table: pa.Table
-
-    @property
-    def episode_id(self) -> str:
-        return self.meta["episode_id"]
-
-    @property
-    def success(self) -> bool | None:
-        return self.meta.get("success")
+    def __init__(
+        self,
+        env_id: str,
+        writer: EpisodeWriter | None,
+        idle_timeout_s: float,
+        max_steps: int = 10_000,
+    ) -> None:
+        self.env_id = env_id
+        self.writer = writer
+        self.idle_timeout_s = idle_timeout_s
+        self.max_steps = max_steps
+        self._open: dict[str, EpisodeBuffer] = {}
+        self._last_seen: dict[str, float] = {}
+        self.closed = 0
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return len(self._open)
 
-    def column(self, name: str) -> list[Any]:
-        return self.table.column(name).to_pylist()
+    def history(self, obs: Observation) -> list[str]:
+        """The skills this server answered earlier in `obs`'s episode, oldest first."""
+        ep = self._open.get(obs.episode_id)
+        return [] if ep is None else ep.history(obs.step)
 
-    def states(self) -> np.ndarray:
-        """(T, D) float32 states; raises ValueError if a step has none."""
-        values = self.column("state")
-        if any(v is None for v in values):
-            raise ValueError(f"episode {self.episode_id} has steps without state")
-        return np.asarray(values, dtype=np.float32).reshape(len(values), -1)
-
-    def images(self, name: str = "image") -> np.ndarray:
-        """(T, H, W, 3) uint8 frames of camera `name`; KeyError if a step lacks it."""
-        frames = []
-        for step_images in self.column("images"):
-            match = next((im for im in step_images if im["name"] == name), None)
-            if match is None:
-                raise KeyError(f"episode {self.episode_id} has a step without image {name!r}")
-            frames.append(
-                np.frombuffer(match["data"], np.uint8).reshape(match["height"], match["width"], 3)
+    def record(
+        self,
+        obs: Observation,
+        reward: float | None,
+        decision: Decision,
+        timing: dict[str, float],
+        model_id: str,
+        model_version: str,
+        seed: int | None = None,
+        task: str | None = None,
+    ) -> None:
+        """A decision was sent; `reward` is what the episode's previous decision earned."""
+        now = time.monotonic()
+        ep = self._open.get(obs.episode_id)
+        if ep is None:
+            ep = self._open[obs.episode_id] = EpisodeBuffer(
+                obs.episode_id, obs.robot_id, self.env_id
             )
-        return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+        self._last_seen[obs.episode_id] = now
+        ep.decisions += 1
+        ep.seed = ep.seed if seed is None else seed
+        ep.task = ep.task if task is None else task
+        skill = decision.sentence
+        if skill is not None:
+            ep.skills[obs.step] = skill
+        if self.writer is not None:
+            # the reward belongs to the previous decision; a retried step must not take it
+            last = ep.last_step
+            previous = last if last is not None and last < obs.step else obs.step - 1
+            if reward is not None and previous in ep.steps:
+                ep.steps[previous].reward = reward
+            ep.steps[obs.step] = Step(
+                obs, decision, time.time(), None, timing, model_id, model_version
+            )
+        ep.last_step = obs.step
+        if (len(ep.steps) if self.writer is not None else ep.decisions) >= self.max_steps:
+            self._close(obs.episode_id, EpisodeEnd("too_long"))
 
-    def actions(self) -> np.ndarray:
-        """(T, A) float32 low-level actions; raises ValueError if a step has none."""
-        values = self.column("action")
-        if any(v is None for v in values):
-            raise ValueError(f"episode {self.episode_id} has steps without a low-level action")
-        return np.asarray(values, dtype=np.float32).reshape(len(values), -1)
+    def end(self, msg: EndEpisode) -> int:
+        """The robot finished an episode; returns how many decisions it had here."""
+        ep = self._open.get(msg.episode_id)
+        if ep is None:
+            return 0
+        if ep.last_step is not None and msg.reward is not None and ep.last_step in ep.steps:
+            ep.steps[ep.last_step].reward = msg.reward
+        self._close(msg.episode_id, EpisodeEnd("end", msg.terminated, msg.truncated, msg.success))
+        return ep.decisions
 
-    def skill_indices(self) -> np.ndarray:
-        """(T,) int64 chosen skill per step, -1 where the decision picked none."""
-        return np.array([-1 if v is None else v for v in self.column("skill_index")], np.int64)
+    def expire_idle(self, now: float | None = None) -> int:
+        """Close, as truncated, episodes whose robot went quiet (disconnected or crashed)."""
+        now = time.monotonic() if now is None else now
+        idle = [eid for eid, t in self._last_seen.items() if now - t > self.idle_timeout_s]
+        for eid in idle:
+            self._close(eid, EpisodeEnd("idle_timeout"))
+        return len(idle)
 
-    def rewards(self) -> np.ndarray:
-        """(T,) float32 rewards; NaN where the robot never reported one."""
-        return np.array([np.nan if v is None else v for v in self.column("reward")], np.float32)
+    def close_all(self, reason: str = "shutdown") -> None:
+        for eid in list(self._open):
+            self._close(eid, EpisodeEnd(reason))
 
-
-def read_episode(path: str | Path) -> Episode:
-    """Load one episode file (never unpickles anything)."""
-    path = Path(path)
-    table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        raise ValueError(f"{path} is not an episode file (no {METADATA_KEY.decode()} metadata)")
-    meta = json.loads(raw)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: episode format {meta.get('format_version')} is not "
-            f"supported (expected {FORMAT_VERSION})"
-        )
-    return Episode(path, meta, table)
-
-
-def episode_paths(directory: str | Path) -> list[Path]:
-    """Finished episode files in `directory` (temporary files are never listed)."""
-    return sorted(p for p in Path(directory).glob("*.parquet") if not p.name.startswith("."))
-
-
-def iter_episodes(directory: str | Path) -> Iterator[Episode]:
-    for path in episode_paths(directory):
-        yield read_episode(path)
+    def _close(self, episode_id: str, end: EpisodeEnd) -> None:
+        ep = self._open.pop(episode_id)
+        del self._last_seen[episode_id]
+        self.closed += 1
+        if self.writer is not None:
+            self.writer.submit(ep, end)

@@ -11,6 +11,7 @@ import threading
 import zmq
 
 from agent.backends import BackendError, load_backend
+from agent.backends.base import parse_option_pairs
 from agent.envspec import describe_env
 from agent.server import Server, ServerConfig
 
@@ -27,17 +28,6 @@ def _report_periodically(server: Server, every_s: float, done: threading.Event) 
                 f"recorded {stats['recorded_episodes']}",
                 flush=True,
             )
-
-
-def parse_backend_options(pairs: list[str]) -> dict[str, str]:
-    """`["temperature=0.6", ...]` -> `{"temperature": "0.6"}`; backends convert the values."""
-    options: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--backend-opt expects KEY=VALUE, got {pair!r}")
-        options[key.strip()] = value
-    return options
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -57,8 +47,8 @@ def serve(args: argparse.Namespace) -> int:
             curve_dir=args.curve,
             reload_every_s=args.reload_every_s,
         )
-        options = parse_backend_options(args.backend_opt)
-    except ValueError as exc:
+        options = parse_option_pairs(args.backend_opt)
+    except (ValueError, BackendError) as exc:
         print(f"agent serve: {exc}", file=sys.stderr)
         return 2
     if args.openpi_port is not None and args.curve is not None:

@@ -5,7 +5,8 @@ messages at once, queue decide requests, and hand a batch to the backend when
 `BatchPolicy` says waiting cannot pay off. Keeping receive, decide and reply
 on one thread avoids hand-offs, which is most of a runtime's per-request cost;
 requests that arrive while the backend computes wait in ZeroMQ's queue and
-form the next batch. Disk writes happen on the `EpisodeWriter`'s thread.
+form the next batch. Disk writes happen on the `EpisodeWriter`'s thread; new
+model versions are loaded on a reloader thread and swapped in between batches.
 """
 
 from __future__ import annotations
@@ -20,11 +21,23 @@ from typing import Any
 import zmq
 
 from agent import protocol as P
-from agent.backends.base import Backend, BackendError, Decision, Observation
+from agent.backends.base import Backend, BackendError
 from agent.batching import BatchPolicy, CallCost, RobotActivity
 from agent.envspec import EnvDescription, ObservationSpec
-from agent.episodes import EpisodeBook
-from agent.recording import EpisodeWriter
+from agent.messages import (
+    DecideRequest,
+    Decision,
+    DecisionReply,
+    EndedReply,
+    EndEpisode,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    Observation,
+    Request,
+    StatsReply,
+)
+from agent.recording import EpisodeBook, EpisodeWriter
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 log = logging.getLogger(__name__)
@@ -40,7 +53,7 @@ class ServerConfig:
     max_episode_steps: int = 10_000
     record_dir: Path | None = None
     curve_dir: Path | None = None
-    reload_every_s: float | None = None
+    reload_every_s: float | None = None  # None: the backend's own default (if it has versions)
 
     def __post_init__(self) -> None:
         """Refuse settings that would make the server useless (e.g. drop every message)."""
@@ -61,8 +74,53 @@ class ServerConfig:
 @dataclass
 class _Waiting:
     envelope: list[bytes]
-    request: P.DecideRequest
+    request: DecideRequest
     received: float  # perf_counter
+
+
+class Reloader:
+    """Polls `backend.load_version()` on its own thread; the loop takes what it loaded.
+
+    Loading and verifying a version (disk, hashes, a warm-up batch) happens
+    here, so robots never wait for it; `take()` hands the newest loaded
+    version to the decision loop, which swaps it in between batches.
+    """
+
+    def __init__(self, backend: Backend, every_s: float) -> None:
+        self.backend = backend
+        self.every_s = every_s
+        self.failures = 0
+        self.last_error: str | None = None
+        self._ready: Any = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reloader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+
+    def take(self) -> Any:
+        with self._lock:
+            ready, self._ready = self._ready, None
+        return ready
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                loaded = self.backend.load_version()
+            except Exception as exc:  # a bad version is refused; the served one stays
+                self.failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("new model version refused: %s", self.last_error)
+                continue
+            if loaded is not None:
+                with self._lock:
+                    self._ready = loaded
 
 
 class Server:
@@ -105,6 +163,9 @@ class Server:
         }
         self._loop_clock: int | None = None  # CPU-time clock of the loop thread
         self._loop_cpu_at_start = 0.0
+        every = config.reload_every_s or backend.reload_every_s
+        self.reloader = Reloader(backend, every) if every else None
+        self.swaps = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -186,6 +247,9 @@ class Server:
             "recorded_episodes": self.writer.written if self.writer else 0,
             "record_failures": self.writer.failures if self.writer else 0,
             "uptime_s": time.monotonic() - self._started,
+            "model_version": self.backend.model_version,
+            "version_swaps": self.swaps,
+            "versions_refused": self.reloader.failures if self.reloader else 0,
             "backend": self.backend.stats(),
         }
 
@@ -206,7 +270,8 @@ class Server:
         assert sock is not None
         waiting: list[_Waiting] = []
         housekeeping = time.monotonic() + 0.25
-        last_reload = time.monotonic()
+        if self.reloader is not None:
+            self.reloader.start()
         try:
             while not self._stop.is_set():
                 if waiting:
@@ -225,16 +290,11 @@ class Server:
                     batch = waiting[: self.policy.max_batch]
                     del waiting[: self.policy.max_batch]
                     self._decide(sock, batch)
+                self._swap_version()
                 now = time.monotonic()
                 if now >= housekeeping:
                     housekeeping = now + 0.25
                     self.episodes.expire_idle(now)
-                    if (
-                        self.config.reload_every_s
-                        and now - last_reload >= self.config.reload_every_s
-                    ):
-                        last_reload = now
-                        self._reload()
         finally:
             self._shutdown(sock, waiting)
 
@@ -257,9 +317,11 @@ class Server:
         payload = frames[-1].buffer
         try:
             request = P.parse_request(payload)
-            if isinstance(request, P.DecideRequest):
-                self.spec.check(request.observation)
-                self.activity.seen(request.observation.robot_id)
+            if isinstance(request, DecideRequest):
+                obs = request.observation
+                self.spec.check(obs)
+                obs.history = self.episodes.history(obs)
+                self.activity.seen(obs.robot_id)
                 waiting.append(_Waiting(envelope, request, start))
                 return
             reply = self._answer(request)
@@ -273,23 +335,16 @@ class Server:
     def _error_reply(self, payload: memoryview, code: str, message: str) -> bytes:
         self.counters["errors"] += 1
         rid, eid = P.peek_ids(payload)
-        return P.encode_error(code, message, rid, eid)
+        return P.encode(ErrorReply(rid, eid, code, message))
 
-    def _answer(self, request: P.Request) -> bytes:
-        if isinstance(request, P.Hello):
-            return P.encode_body("hello", request.request_id, {"metadata": self.metadata()})
-        if isinstance(request, P.EndEpisode):
+    def _answer(self, request: Request) -> bytes:
+        if isinstance(request, Hello):
+            return P.encode(HelloReply(request.request_id, self.metadata()))
+        if isinstance(request, EndEpisode):
             steps = self.episodes.end(request)
-            return P.encode_body(
-                "ended",
-                request.request_id,
-                {
-                    "episode_id": request.episode_id,
-                    "steps": steps,
-                    "recorded": self.writer is not None and steps > 0,
-                },
-            )
-        return P.encode_body("stats", request.request_id, {"stats": self.stats()})
+            recorded = self.writer is not None and steps > 0
+            return P.encode(EndedReply(request.request_id, request.episode_id, steps, recorded))
+        return P.encode(StatsReply(request.request_id, self.stats()))
 
     def _decide(self, sock: zmq.Socket, batch: list[_Waiting]) -> None:
         start = time.perf_counter()
@@ -313,8 +368,18 @@ class Server:
                 "batch_size": len(batch),
             }
             if not isinstance(result, P.ProtocolError):
+                result.decided_by = result.decided_by or self.backend.name
+                answer = DecisionReply(
+                    req.request_id,
+                    obs.episode_id,
+                    obs.step,
+                    result,
+                    model_id,
+                    model_version,
+                    timing,
+                )
                 try:  # a malformed decision (a backend bug) must not take the loop down
-                    reply = P.encode_decision(req, result, model_id, model_version, timing)
+                    reply = P.encode(answer)
                 except Exception as exc:
                     log.exception(
                         "backend %s returned a decision that cannot be sent", self.backend.name
@@ -324,10 +389,14 @@ class Server:
                     )
             if isinstance(result, P.ProtocolError):
                 c["errors"] += 1
-                reply = P.encode_error(result.code, result.message, req.request_id, obs.episode_id)
+                reply = P.encode(
+                    ErrorReply(req.request_id, obs.episode_id, result.code, result.message)
+                )
             else:
                 c["decisions"] += 1
-                self.episodes.record(obs, req.reward, result, timing, model_id, model_version)
+                self.episodes.record(
+                    obs, req.reward, result, timing, model_id, model_version, req.seed, req.task
+                )
             sock.send_multipart([*waiting.envelope, reply])
         c["busy_s"] += time.perf_counter() - start
 
@@ -348,12 +417,18 @@ class Server:
             log.exception("backend %s failed", self.backend.name)
             return [P.ProtocolError(P.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")]
 
-    def _reload(self) -> None:
+    def _swap_version(self) -> None:
+        """Between batches: serve the newest version the reloader has loaded, if any."""
+        loaded = self.reloader.take() if self.reloader is not None else None
+        if loaded is None:
+            return
         try:
-            if self.backend.reload():
-                log.info("backend reloaded: model version %s", self.backend.model_version)
+            self.backend.swap(loaded)
         except Exception:
-            log.exception("backend reload failed; keeping the current model")
+            log.exception("could not swap in a new model version; keeping the current one")
+            return
+        self.swaps += 1
+        log.info("now serving model version %s", self.backend.model_version)
 
     def _shutdown(self, sock: zmq.Socket, waiting: list[_Waiting]) -> None:
         """Finish queued decisions, refuse what is still arriving, close episodes, flush."""
@@ -370,9 +445,11 @@ class Server:
             sock.send_multipart(
                 [
                     *(f.bytes for f in frames[:-1]),
-                    P.encode_error(P.SHUTTING_DOWN, "server is shutting down", rid, eid),
+                    P.encode(ErrorReply(rid, eid, P.SHUTTING_DOWN, "server is shutting down")),
                 ]
             )
+        if self.reloader is not None:
+            self.reloader.stop()
         self.episodes.close_all("shutdown")
         if self.writer is not None:
             self.writer.close()

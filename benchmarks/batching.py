@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.backends.base import Backend, Decision, EnvInfo, Observation
+from agent.backends.base import Backend, EnvInfo
+from agent.messages import Decision, Observation
 
 IMAGE_SHAPE = (64, 64, 3)
 STATE_DIM = 14
@@ -99,6 +100,7 @@ def drive(endpoint: str, robots: int, seconds: float, warmup_s: float) -> None:
     import zmq
 
     from agent import protocol as P
+    from agent.messages import DecideRequest, DecisionReply, Observation
 
     ctx = zmq.Context.instance()
     rng = np.random.default_rng(0)
@@ -117,16 +119,8 @@ def drive(endpoint: str, robots: int, seconds: float, warmup_s: float) -> None:
     mismatched = 0
 
     def send(i: int) -> None:
-        socks[i].send(
-            P.encode_decide(
-                steps[i] + 1,
-                f"robot-{i}",
-                f"ep-{i}",
-                steps[i],
-                images={"image": image},
-                state=state,
-            )
-        )
+        obs = Observation(f"robot-{i}", f"ep-{i}", steps[i], images={"image": image}, state=state)
+        socks[i].send(P.encode(DecideRequest(steps[i] + 1, obs)))
         sent_at[i] = time.perf_counter()
 
     for i in range(robots):
@@ -143,7 +137,7 @@ def drive(endpoint: str, robots: int, seconds: float, warmup_s: float) -> None:
             i = index[sock]
             reply = P.parse_reply(sock.recv())
             now = time.perf_counter()
-            if reply.type != "decision" or reply.step != steps[i]:
+            if not isinstance(reply, DecisionReply) or reply.step != steps[i]:
                 mismatched += 1
             if measure_from <= now < stop_at:
                 counted += 1

@@ -33,9 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.backends.base import EnvInfo, Observation
+from agent.backends.base import EnvInfo
 from agent.client import AgentClient
 from agent.envspec import EnvDescription, ObservationSpec
+from agent.messages import Observation
 from agent.server import Server, ServerConfig
 
 ENV = EnvInfo("tabletop/PickPlace-v0", action_shape=(4,), has_skills=True)

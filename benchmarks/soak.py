@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 
 from agent import protocol as P
+from agent.messages import DecideRequest, DecisionReply, Observation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,11 +75,10 @@ def soak(
     def send(i: int) -> None:
         nonlocal next_id, sent
         state = np.full(23, steps[i] % 1000, np.float32)
-        socks[i].send(
-            P.encode_decide(
-                next_id, f"soak-{i}", f"soak-ep-{i}", steps[i], images={"image": image}, state=state
-            )
+        obs = Observation(
+            f"soak-{i}", f"soak-ep-{i}", steps[i], images={"image": image}, state=state
         )
+        socks[i].send(P.encode(DecideRequest(next_id, obs)))
         outstanding[i] = (next_id, steps[i])
         next_id += 1
         sent += 1
@@ -109,7 +109,11 @@ def soak(
             reply = P.parse_reply(s.recv())
             received += 1
             want_id, want_step = outstanding.pop(i)
-            if reply.type != "decision" or reply.request_id != want_id or reply.step != want_step:
+            if (
+                not isinstance(reply, DecisionReply)
+                or reply.request_id != want_id
+                or reply.step != want_step
+            ):
                 mismatched += 1
             steps[i] += 1
             if time.monotonic() < stop_at:

@@ -17,14 +17,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from envs import ENV_IDS, make_skill_env
-from envs.evaluate import EpisodeLog, run_oracle_episode
+from envs.oracle import OraclePolicy
+from envs.rollout import EpisodeResult, run_episode
 
 PAD = 8
 HEADER = 26
 CAPTION_LINES = 3
 
 
-def render_sheet(logs: list[tuple[str, EpisodeLog]], tile: int, max_cols: int) -> Image.Image:
+def render_sheet(logs: list[tuple[str, EpisodeResult]], tile: int, max_cols: int) -> Image.Image:
     """Rows of frames with captions; pure drawing, no simulation."""
     font = ImageFont.load_default(size=12)
     title_font = ImageFont.load_default(size=15)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = []
     for env_id, seed in tqdm(jobs, desc="episodes", file=sys.stderr):
         env = make_skill_env(env_id, image_size=args.size)
-        logs.append((env_id, run_oracle_episode(env, seed, keep_frames=True)))
+        logs.append((env_id, run_episode(env, OraclePolicy(), seed, keep_frames=True)))
         env.close()
     write_png(render_sheet(logs, args.tile, args.max_cols), args.out)
     print(args.out)

@@ -1,8 +1,4 @@
-"""Oracle success rates per task: `python -m envs.evaluate --seeds 100` prints JSON.
-
-Also home of `run_oracle_episode`, the one oracle rollout loop shared by the
-contact sheet and the tests.
-"""
+"""Oracle success rates per task: `python -m envs.evaluate --seeds 100` prints JSON."""
 
 from __future__ import annotations
 
@@ -10,44 +6,12 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from envs import ENV_IDS, SkillEnv, make_skill_env, oracle
-
-
-@dataclass
-class EpisodeLog:
-    """One oracle episode: what was asked, chosen and seen."""
-
-    seed: int
-    instruction: str
-    success: bool = False
-    skills: list[str] = field(default_factory=list)
-    rationales: list[str] = field(default_factory=list)
-    low_level_steps: int = 0
-    frames: list[np.ndarray] = field(default_factory=list)  # scene image before each skill
-
-
-def run_oracle_episode(env: SkillEnv, seed: int, keep_frames: bool = False) -> EpisodeLog:
-    """Reset with `seed`, let the oracle pick skills until success or the skill limit."""
-    obs, info = env.reset(seed=seed)
-    log = EpisodeLog(seed, info["instruction"])
-    for _ in range(env.max_skills):
-        if keep_frames:
-            log.frames.append(obs["image"])
-        decision = oracle.decide(env.privileged_state(), info["options"])
-        obs, _, terminated, truncated, info = env.step(decision.skill_index)
-        log.skills.append(info["skill"])
-        log.rationales.append(decision.rationale)
-        log.low_level_steps += info["low_level_steps"]
-        if terminated or truncated:
-            break
-    if keep_frames:
-        log.frames.append(obs["image"])
-    log.success = bool(info["is_success"])
-    return log
+from envs import ENV_IDS, make_skill_env
+from envs.oracle import OraclePolicy
+from envs.rollout import run_episode
 
 
 def evaluate(env_ids: list[str], seeds: int, progress: bool = True) -> dict[str, dict]:
@@ -58,14 +22,15 @@ def evaluate(env_ids: list[str], seeds: int, progress: bool = True) -> dict[str,
     for env_id in env_ids:
         env = make_skill_env(env_id, images=False)
         start = time.perf_counter()
+        policy = OraclePolicy()
         logs = [
-            run_oracle_episode(env, seed)
+            run_episode(env, policy, seed)
             for seed in tqdm(range(seeds), desc=env_id, disable=not progress, file=sys.stderr)
         ]
         env.close()
         results[env_id] = {
             "episodes": seeds,
-            "success_rate": sum(log.success for log in logs) / seeds,
+            "success_rate": sum(bool(log.success) for log in logs) / seeds,
             "failed_seeds": [log.seed for log in logs if not log.success],
             "mean_skills": float(np.mean([len(log.skills) for log in logs])),
             "mean_low_level_steps": float(np.mean([log.low_level_steps for log in logs])),

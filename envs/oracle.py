@@ -3,6 +3,8 @@
 A pure, stateless function of the SIM-ONLY privileged state (numpy + stdlib
 only, no mujoco): every bit of progress is read off the state, so the runtime
 can call it on the server with the `sim` dict a simulated robot sent.
+`as_decision` turns its answer into the runtime's `Decision` (used by the
+`oracle` backend), and `OraclePolicy` runs it locally in the rollout loop.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.messages import Decision
 from envs import skills, tasks
 
 ABOVE_TOL = 0.012
@@ -114,3 +117,30 @@ def _push_step(priv: Mapping[str, Any], block: str, target: str) -> tuple[str, s
         f"move behind the {block} toward the {target}",
         f"The {block} is off the {target}, so get behind it on the line to the target.",
     )
+
+
+def as_decision(answer: OracleDecision) -> Decision:
+    """The runtime's `Decision` for an oracle answer (no skill when no menu was given)."""
+    picked = answer.skill_index >= 0
+    return Decision(
+        action=np.asarray(answer.action, np.float32),
+        skill_index=answer.skill_index if picked else None,
+        skill=answer.skill if picked else None,
+        reasoning=answer.rationale,
+        decided_by="oracle",
+    )
+
+
+class OraclePolicy:
+    """The oracle as a rollout-loop `Policy`, in process (reads the env's SIM-ONLY state)."""
+
+    model_version = "0"
+
+    def start_episode(self, env: Any, episode_id: str, seed: int | None) -> None:
+        pass
+
+    def decide(self, env: Any, obs: Any, info: dict[str, Any], **_: Any) -> Decision:
+        return as_decision(decide(env.unwrapped.privileged_state(), info.get("options", [])))
+
+    def end_episode(self, **_: Any) -> None:
+        pass

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.messages import point_sentence
 from envs.tabletop.scene import BIN_FLOOR
 
 WORKSPACE_X = (0.33, 0.62)  # where objects start; also where cubes are set down
@@ -73,8 +74,7 @@ def parse_skill(text: str) -> Skill:
     raise ValueError(f"unknown skill {text!r}")
 
 
-def point_skill(x: float, y: float) -> str:
-    return f"move to the point ({x:.0f}, {y:.0f})"
+point_skill = point_sentence  # the wire's sentence for a point decision, parsed below
 
 
 def place_sentence(dest: str) -> str:

@@ -123,7 +123,7 @@ def main() -> int:
         return 1
 
     print(f"== 3. recordings: {episodes_dir} ==", flush=True)
-    from agent.recording import iter_episodes
+    from agent.store import iter_episodes
 
     recorded = list(iter_episodes(episodes_dir))
     steps = sum(len(e) for e in recorded)

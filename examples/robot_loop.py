@@ -8,7 +8,7 @@ Each robot is its own process (this script with `--robot-index`) with its own
 env and `AgentClient`; it reports episodes as JSON lines (no pickle crosses a
 process boundary). The server batches the robots' requests. Prints one line per episode, a summary, and with
 `--json` one JSON object as the last line (success_rate, episodes, decisions,
-p50_ms, p99_ms, decisions_per_s).
+p50_ms, p99_ms, decisions_per_s, decided_by, escalation_rate, model_versions).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def robot(index: int, args: argparse.Namespace) -> int:
 
     try:
         from agent.client import AgentClient
-        from envs.plugin import RemotePolicy, run_episode
+        from envs.plugin import RemotePolicy
+        from envs.rollout import run_episode
 
         env = make_env(args.env)
         client = AgentClient(
@@ -55,6 +56,7 @@ def robot(index: int, args: argparse.Namespace) -> int:
         for k in range(args.robot_episodes):
             start = time.time()
             result = run_episode(env, policy, seed=args.seed + 10_000 * index + k)
+            result.reasoning = []  # can be long (Cosmos-Reason); recorded by the server anyway
             emit("episode", {**asdict(result), "start": start, "end": time.time()})
         policy.close()
         env.close()
@@ -105,10 +107,17 @@ def split(total: int, parts: int) -> list[int]:
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's figures; `escalation_rate` is the share of decisions escalated to a teacher."""
     latencies = np.array([ms for r in results for ms in r["latencies_ms"]], dtype=np.float64)
     decisions = int(latencies.size)
     judged = [r["success"] for r in results if r["success"] is not None]
     wall = max(r["end"] for r in results) - min(r["start"] for r in results) if results else 0.0
+    decided_by: dict[str, int] = {}
+    for r in results:
+        for who, n in r["decided_by"].items():
+            decided_by[who] = decided_by.get(who, 0) + n
+    escalated = sum(n for who, n in decided_by.items() if who.startswith("escalated:"))
+    versions = sorted({v for r in results for v in r["model_versions"]})
     return {
         "success_rate": float(np.mean(judged)) if judged else None,
         "episodes": len(results),
@@ -116,6 +125,9 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         "p50_ms": float(np.percentile(latencies, 50)) if decisions else None,
         "p99_ms": float(np.percentile(latencies, 99)) if decisions else None,
         "decisions_per_s": decisions / wall if wall > 0 else 0.0,
+        "decided_by": decided_by,
+        "escalation_rate": escalated / decisions if decisions else 0.0,
+        "model_versions": versions,
     }
 
 

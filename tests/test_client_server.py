@@ -9,10 +9,11 @@ import zmq
 from runtime_fixtures import TEST_ENV, running_server
 
 from agent import protocol as P
-from agent.backends.base import Backend, BackendError, Decision
+from agent.backends.base import Backend, BackendError
 from agent.client import AgentClient, AgentTimeout, ServerError
 from agent.envspec import ObservationSpec
-from agent.recording import iter_episodes
+from agent.messages import DecideRequest, Decision, EndedReply, Hello, HelloReply, Observation
+from agent.store import iter_episodes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,7 +83,7 @@ def test_stale_replies_on_one_socket_are_skipped():
     """Two requests on one DEALER: asking with the second id returns only the second reply."""
     backend = SlowBackend(TEST_ENV, delay_s=0.05)
     with running_server(backend) as server, AgentClient(server.endpoint, timeout_ms=5000) as client:
-        client._socket.send(P.encode_decide(999_999, client.robot_id, "e", 1))
+        client._socket.send(P.encode(DecideRequest(999_999, Observation(client.robot_id, "e", 1))))
         reply = client.decide(episode_id="e", step=2)
     assert reply.step == 2 and client.stale_replies == 1
 
@@ -183,7 +184,7 @@ def test_end_episode_records_full_transitions(tmp_path):
                 reward=None if step == 0 else float(step),
             )
         ended = client.end_episode("ep-1", reward=10.0, terminated=True, success=True)
-    assert ended == {"episode_id": "ep-1", "steps": 3, "recorded": True}
+    assert ended == EndedReply(ended.request_id, "ep-1", 3, True)
     (episode,) = list(iter_episodes(tmp_path))
     assert episode.meta["success"] is True and episode.meta["end_reason"] == "end"
     np.testing.assert_array_equal(episode.rewards(), [1.0, 2.0, 10.0])
@@ -211,11 +212,11 @@ def test_req_clients_work_too():
         sock = ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(server.endpoint)
-        sock.send(P.encode_hello(1, "req-robot"))
+        sock.send(P.encode(Hello(1, "req-robot")))
         assert sock.poll(5000)
         reply = P.parse_reply(sock.recv())
         sock.close()
-    assert reply.type == "hello" and reply.request_id == 1
+    assert isinstance(reply, HelloReply) and reply.request_id == 1
 
 
 def test_a_retried_step_replaces_itself_and_keeps_rewards_in_place(tmp_path):
@@ -233,47 +234,110 @@ def test_a_retried_step_replaces_itself_and_keeps_rewards_in_place(tmp_path):
 
 
 class Reloading(Backend):
-    """Has newer weights on every reload; the version shows in decisions and the handshake."""
+    """Has a newer version on every poll, which takes `load_s` to load; remembers threads."""
 
     name = "reloading"
 
-    def __init__(self, env, model=None):
+    def __init__(self, env, model=None, load_s=0.3):
         super().__init__(env, model)
-        self.version = 0
+        self.version, self.load_s = 0, load_s
+        self.decide_threads, self.swap_threads, self.load_threads = set(), set(), set()
 
     @property
     def model_version(self):
         return str(self.version)
 
-    def reload(self, model=None):
-        self.version += 1
-        return True
+    def load_version(self):
+        self.load_threads.add(threading.get_ident())
+        time.sleep(self.load_s)  # reading and verifying a checkpoint
+        return self.version + 1
+
+    def swap(self, loaded):
+        self.swap_threads.add(threading.get_ident())
+        self.version = loaded
 
     def decide(self, batch):
+        self.decide_threads.add(threading.get_ident())
         return [Decision(action=np.zeros(4, np.float32)) for _ in batch]
 
 
-def test_server_asks_the_backend_for_new_weights_periodically():
+def test_new_versions_load_off_the_decision_loop_and_swap_between_batches():
+    backend = Reloading(TEST_ENV, load_s=0.3)
     with (
-        running_server(Reloading(TEST_ENV), reload_every_s=0.05) as server,
+        running_server(backend, reload_every_s=0.05) as server,
         AgentClient(server.endpoint, timeout_ms=5000) as client,
     ):
-        first = int(client.decide(episode_id="r", step=0).model_version)
-        time.sleep(0.8)
-        later = int(client.decide(episode_id="r", step=1).model_version)
-    assert later > first
+        replies = []
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            replies.append(client.decide(episode_id="r", step=len(replies)))
+        stats = server.stats()
+    versions = [int(r.model_version) for r in replies]
+    assert versions == sorted(versions) and versions[-1] >= 3  # picked up without a restart
+    assert stats["version_swaps"] >= 3 and stats["model_version"] == str(backend.version)
+    # loading (0.3 s each) never held a robot up: decisions kept flowing meanwhile
+    assert len(replies) > 10 * versions[-1]
+    assert backend.swap_threads == backend.decide_threads
+    assert not backend.load_threads & backend.decide_threads
+
+
+class FailingLoad(Reloading):
+    def load_version(self):
+        raise BackendError("manifest hash mismatch")
+
+
+def test_a_version_that_fails_to_load_is_refused_and_counted():
+    with (
+        running_server(FailingLoad(TEST_ENV), reload_every_s=0.05) as server,
+        AgentClient(server.endpoint, timeout_ms=5000) as client,
+    ):
+        time.sleep(0.5)
+        reply = client.decide(episode_id="r", step=0)
+        stats = server.stats()
+    assert reply.model_version == "0" and stats["versions_refused"] >= 3
+
+
+class Remembering(Backend):
+    """Answers option 0 and remembers the history each observation came with."""
+
+    name = "remembering"
+
+    def __init__(self, env, model=None):
+        super().__init__(env, model)
+        self.histories = []
+
+    def decide(self, batch):
+        self.histories += [list(obs.history) for obs in batch]
+        return [Decision(skill_index=0, skill=obs.options[0]) for obs in batch]
+
+
+def test_server_hands_backends_the_skills_it_answered_in_the_episode():
+    backend = Remembering(TEST_ENV)
+    with running_server(backend) as server, AgentClient(server.endpoint, timeout_ms=5000) as c:
+        c.decide(episode_id="h", step=0, options=["grasp"])
+        c.decide(episode_id="h", step=1, options=["lift"])
+        c.decide(episode_id="h", step=1, options=["lift"])  # a retry sees the same history
+        c.decide(episode_id="other", step=0, options=["open the gripper"])
+        c.decide(episode_id="h", step=2, options=["place on the red pad"])
+    assert backend.histories == [[], ["grasp"], ["grasp"], [], ["grasp", "lift"]]
+
+
+def test_decisions_say_who_decided():
+    with running_server() as server, AgentClient(server.endpoint, timeout_ms=5000) as client:
+        reply = client.decide(episode_id="e", step=0, options=["go"])
+    assert reply.decision.decided_by == "zero"
 
 
 def test_serve_backend_options_are_parsed_and_checked():
-    from agent.backends import BackendError, EnvInfo, load_backend
-    from agent.serve import parse_backend_options
+    from agent.backends import EnvInfo, load_backend
+    from agent.backends.base import parse_option_pairs
 
-    assert parse_backend_options(["temperature=0.6", "fallback=noop", "x=a=b"]) == {
+    assert parse_option_pairs(["temperature=0.6", "fallback=noop", "x=a=b"]) == {
         "temperature": "0.6",
         "fallback": "noop",
         "x": "a=b",
     }
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_backend_options(["temperature"])
+    with pytest.raises(BackendError, match="KEY=VALUE"):
+        parse_option_pairs(["temperature"])
     with pytest.raises(BackendError, match="takes no options"):
         load_backend("zero", EnvInfo("Pusher-v5", action_shape=(7,)), None, temperature="0.6")

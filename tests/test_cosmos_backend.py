@@ -20,14 +20,16 @@ pytest.importorskip("transformers")
 from runtime_fixtures import ROOT, free_port, serve_subprocess, stop_process, wait_ready
 
 import envs
-from agent.backends import BackendError, EnvInfo, Observation, load_backend
+from agent.backends import BackendError, EnvInfo, load_backend
+from agent.backends.base import parse_options
 from agent.backends.cosmos import CosmosOptions
 from agent.backends.tiny_vlm import save_tiny_vlm
 from agent.backends.vlm_loading import has_video_support
 from agent.client import AgentClient
 from agent.envspec import describe_env
-from agent.recording import iter_episodes
+from agent.messages import Observation
 from agent.server import Server, ServerConfig
+from agent.store import iter_episodes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -223,7 +225,9 @@ def test_bucketed_static_cache_batch_decodes_like_the_plain_one(checkpoints, nam
 
 
 def test_options_are_validated_and_converted():
-    parsed = CosmosOptions.parse({"temperature": "0.7", "points": "yes", "retries": 3})
+    parsed = parse_options(
+        CosmosOptions, "cosmos", {"temperature": "0.7", "points": "yes", "retries": 3}
+    )
     assert (parsed.temperature, parsed.points, parsed.retries) == (0.7, True, 3)
     for bad in (
         {"temprature": 1},
@@ -235,7 +239,7 @@ def test_options_are_validated_and_converted():
         {"retry_token_factor": "0.5"},
     ):
         with pytest.raises(BackendError):
-            CosmosOptions.parse(bad)
+            parse_options(CosmosOptions, "cosmos", bad)
 
 
 def test_bad_checkpoints_are_clear_errors(checkpoints, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 import envs
 from envs import evaluate, oracle
+from envs.rollout import run_episode
 
 SEEDS = 20  # CI subset; `python -m envs.evaluate --seeds 100` is the full >= 95% check
 
@@ -24,12 +25,13 @@ def test_oracle_success_rate(env_id):
 @pytest.mark.timeout(60)
 def test_oracle_episode_log_and_skill_sequence():
     env = envs.make_skill_env("tabletop/Sort-v0", image_size=32)
-    log = evaluate.run_oracle_episode(env, seed=1, keep_frames=True)
+    log = run_episode(env, oracle.OraclePolicy(), seed=1, keep_frames=True)
     assert log.success
     assert log.skills.count("grasp") == 3  # one pick per cube
     assert sum(s.startswith("place in the ") for s in log.skills) == 3
     assert len(log.frames) == len(log.skills) + 1 and log.frames[0].shape == (32, 32, 3)
-    assert all(r.endswith(".") for r in log.rationales)
+    assert all(r.endswith(".") for r in log.reasoning)
+    assert log.decided_by == {"oracle": len(log.skills)} and log.instruction
 
 
 @pytest.mark.timeout(60)

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 import envs
-from envs import evaluate, oracle
+from envs import oracle
+from envs.oracle import OraclePolicy
+from envs.rollout import run_episode
+from envs.skill_env import check_skill_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,7 +59,7 @@ def test_privileged_state_is_plain_json_data():
 
 def test_pick_place_oracle_episode_through_skill_env():
     env = envs.make_skill_env("tabletop/PickPlace-v0", images=False)
-    log = evaluate.run_oracle_episode(env, seed=0)
+    log = run_episode(env, OraclePolicy(), seed=0)
     assert log.success
     assert log.skills[0].startswith("move above the ") and "grasp" in log.skills
     assert log.skills[-1].startswith("place on the ")
@@ -156,4 +159,18 @@ def test_any_menu_choice_executes_safely(env_id):
         assert sum(w.number for w in warnings) == 0, "MuJoCo reported unstable physics"
         if terminated:
             obs, info = env.reset(seed=12)
+    env.close()
+
+
+@pytest.mark.parametrize("env_id", sorted(envs.ENV_IDS))
+def test_every_task_keeps_the_skill_env_contract(env_id):
+    env = envs.make_skill_env(env_id, image_size=32)
+    check_skill_env(env, seed=3)
+    env.close()
+
+
+def test_the_checker_names_what_breaks_the_contract():
+    env = gym.make("Pusher-v5")
+    with pytest.raises(AssertionError, match="not a SkillChoiceEnv"):
+        check_skill_env(env)
     env.close()

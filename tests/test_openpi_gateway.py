@@ -20,9 +20,10 @@ from runtime_fixtures import (
 from websockets.sync.client import connect
 
 from agent import protocol as P
-from agent.backends.base import Backend, Decision
+from agent.backends.base import Backend
+from agent.messages import Decision
 from agent.openpi_gateway import OpenpiGateway, openpi_observation
-from agent.recording import iter_episodes
+from agent.store import iter_episodes
 
 pytestmark = pytest.mark.timeout(60)
 

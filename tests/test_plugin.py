@@ -6,8 +6,9 @@ import pytest
 from runtime_fixtures import running_env_server
 
 import envs
-from agent.recording import iter_episodes
-from envs.plugin import RemotePolicy, observation_request, run_episode
+from agent.store import iter_episodes
+from envs.plugin import RemotePolicy, observation_request
+from envs.rollout import run_episode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,6 +34,11 @@ def test_tabletop_episode_through_the_oracle_backend(tmp_path):
     assert result.success and result.terminated and result.decisions >= 2
     (episode,) = list(iter_episodes(tmp_path))
     assert episode.meta["success"] is True and len(episode) == result.decisions
+    assert (episode.meta["seed"], episode.meta["task"]) == (1, "tabletop/PickPlace-v0")
+    assert episode.column("decided_by") == ["oracle"] * len(episode)
+    assert episode.column("skill") == result.skills and result.decided_by == {
+        "oracle": len(episode)
+    }
     assert episode.images("image").shape == (result.decisions, 224, 224, 3)
     assert all(r for r in episode.column("reasoning"))
     assert np.nansum(episode.rewards()) == pytest.approx(result.total_reward, rel=1e-5)

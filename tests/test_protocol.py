@@ -8,8 +8,21 @@ import pytest
 from runtime_fixtures import openpi_pack
 
 from agent import protocol as P
-from agent.backends.base import Decision
 from agent.batching import BatchPolicy, CallCost, RobotActivity
+from agent.messages import (
+    DecideRequest,
+    Decision,
+    DecisionReply,
+    EndedReply,
+    EndEpisode,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    Observation,
+    StatsReply,
+    StatsRequest,
+    TeacherLabel,
+)
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float32", "float64", "int64", "bool", "int16"])
@@ -52,20 +65,17 @@ def test_bad_array_headers_are_refused(header):
 
 
 def decide_message(**overrides):
-    msg = P.unpackb(
-        P.encode_decide(
-            7,
-            "robot-1",
-            "ep-1",
-            3,
-            images={"image": np.zeros((4, 4, 3), np.uint8)},
-            state=np.ones(5, np.float32),
-            instruction="pick",
-            options=["a", "b"],
-            sim={"x": np.ones(2)},
-            reward=0.5,
-        )
+    obs = Observation(
+        "robot-1",
+        "ep-1",
+        3,
+        instruction="pick",
+        images={"image": np.zeros((4, 4, 3), np.uint8)},
+        state=np.ones(5, np.float32),
+        options=["a", "b"],
+        sim={"x": np.ones(2)},
     )
+    msg = P.unpackb(P.encode(DecideRequest(7, obs, reward=0.5, seed=11, task="tabletop/Stack-v0")))
     for key, value in overrides.items():
         if key.startswith("obs_"):
             msg["observation"][key[4:]] = value
@@ -76,7 +86,8 @@ def decide_message(**overrides):
 
 def test_valid_decide_request_parses():
     req = P.parse_request(decide_message())
-    assert isinstance(req, P.DecideRequest)
+    assert isinstance(req, DecideRequest)
+    assert (req.seed, req.task) == (11, "tabletop/Stack-v0")
     obs = req.observation
     assert (req.request_id, obs.robot_id, obs.episode_id, obs.step, req.reward) == (
         7,
@@ -113,6 +124,10 @@ def test_valid_decide_request_parses():
         ({"obs_instruction": 5}, P.BAD_OBSERVATION),
         ({"obs_sim": [1, 2]}, P.BAD_OBSERVATION),
         ({"observation": None}, P.BAD_REQUEST),
+        ({"seed": -1}, P.BAD_REQUEST),
+        ({"seed": "7"}, P.BAD_REQUEST),
+        ({"task": 3}, P.BAD_REQUEST),
+        ({"task": "x" * 200}, P.BAD_REQUEST),
     ],
 )
 def test_bad_requests_get_codes(overrides, code):
@@ -139,38 +154,50 @@ def test_peek_ids_recovers_ids_of_invalid_requests():
 
 
 def test_decision_reply_round_trip():
-    req = P.parse_request(decide_message())
     dec = Decision(
         action=np.array([1, 2, 3, 4], np.float32),
-        skill_index=1,
+        skill_index=np.int64(1),
         skill="b",
         point=(500.0, 250.0),
         reasoning="because",
+        decided_by="escalated:oracle",
+        confidence=0.25,
+        teacher=TeacherLabel(Decision(skill_index=0, skill="a"), "oracle"),
     )
-    reply = P.parse_reply(P.encode_decision(req, dec, "m", "3", {"queue_ms": 0.1}))
-    assert (reply.type, reply.request_id, reply.episode_id, reply.step) == (
-        "decision",
+    sent = DecisionReply(7, "ep-1", 3, dec, "m", "3", {"queue_ms": 0.1}, latency_ms=9.0)
+    reply = P.parse_reply(P.encode(sent))
+    assert isinstance(reply, DecisionReply)
+    assert (reply.request_id, reply.episode_id, reply.step, reply.timing) == (
         7,
         "ep-1",
         3,
+        {"queue_ms": 0.1},
     )
     np.testing.assert_array_equal(reply.decision.action, dec.action)
     assert reply.decision.skill_index == 1 and reply.decision.point == (500.0, 250.0)
     assert reply.decision.reasoning == "because" and reply.model_version == "3"
+    assert reply.decision.decided_by == "escalated:oracle" and reply.decision.confidence == 0.25
+    # the teacher's label is recorded, never sent; latency is the client's own measurement
+    assert reply.decision.teacher is None and reply.latency_ms is None
 
 
-def test_end_and_error_replies():
-    end = P.parse_request(
-        P.encode_end(2, "r", "e", reward=1.0, terminated=True, truncated=False, success=True)
-    )
-    assert isinstance(end, P.EndEpisode) and end.success and end.terminated and end.reward == 1.0
-    err = P.parse_reply(P.encode_error(P.BAD_REQUEST, "nope", 5, "e"))
-    assert (err.type, err.request_id, err.error_code, err.error_message) == (
-        "error",
-        5,
-        P.BAD_REQUEST,
-        "nope",
-    )
+def test_every_message_round_trips():
+    end = P.parse_request(P.encode(EndEpisode(2, "r", "e", 1.0, True, False, True)))
+    assert end == EndEpisode(2, "r", "e", 1.0, True, False, True)
+    err = P.parse_reply(P.encode(ErrorReply(5, "e", P.BAD_REQUEST, "nope")))
+    assert err == ErrorReply(5, "e", P.BAD_REQUEST, "nope")
+    for message in (
+        Hello(1, "robot"),
+        StatsRequest(4),
+    ):
+        assert P.parse_request(P.encode(message)) == message
+    for reply in (HelloReply(1, {"a": 1}), EndedReply(2, "e", 3, True), StatsReply(3, {})):
+        assert P.parse_reply(P.encode(reply)) == reply
+
+
+def test_observation_history_never_travels():
+    obs = Observation("r", "e", 1, history=["grasp"])
+    assert P.parse_request(P.encode(DecideRequest(1, obs))).observation.history == []
 
 
 def test_lone_robot_is_never_kept_waiting():

@@ -1,30 +1,22 @@
-"""Episodes on disk: round trip, atomic writes, SIGKILL and SIGTERM of a real server."""
+"""The server's recording: open episodes to files, rewards in place, SIGKILL and SIGTERM."""
 
 import signal
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from runtime_fixtures import free_port, serve_subprocess, stop_process, wait_ready
 
-from agent.backends.base import Decision, Observation
 from agent.client import AgentClient
-from agent.recording import (
-    TMP_DIRNAME,
-    EpisodeBuffer,
-    EpisodeEnd,
-    EpisodeWriter,
-    episode_paths,
-    iter_episodes,
-    read_episode,
-)
+from agent.messages import Decision, EndEpisode, Observation, TeacherLabel
+from agent.recording import EpisodeBook, EpisodeWriter
+from agent.store import TMP_DIRNAME, episode_paths, iter_episodes, read_episode
 
 pytestmark = pytest.mark.timeout(90)
 
 
-def buffer_with_steps(episode_id="ep", steps=3):
-    buf = EpisodeBuffer(episode_id, "robot", "test/Null-v0")
+def record_episode(book, episode_id="ep", steps=3, **end):
+    """Steps as the server records them: a decision, then its reward with the next message."""
     for t in range(steps):
         obs = Observation(
             "robot",
@@ -40,23 +32,29 @@ def buffer_with_steps(episode_id="ep", steps=3):
             skill_index=t % 2,
             skill="ab"[t % 2],
             reasoning=f"because {t}",
+            decided_by="policy" if t % 2 else "teacher:oracle",
+            confidence=0.5,
+            teacher=TeacherLabel(Decision(skill_index=1, skill="b"), "oracle"),
         )
-        if t:
-            buf.set_reward(t - 1, float(t))
-        buf.add_step(obs, dec, {"queue_ms": 0.1, "inference_ms": 1.0, "batch_size": 1}, "m", "7")
-    buf.set_reward(steps - 1, 5.0)
-    return buf
+        timing = {"queue_ms": 0.1, "inference_ms": 1.0, "batch_size": 1}
+        reward = float(t) if t else None
+        book.record(obs, reward, dec, timing, "m", "7", seed=5 if t == 0 else None, task="pick")
+    book.end(EndEpisode(0, "robot", episode_id, 5.0, **end))
 
 
 def test_episode_round_trip(tmp_path):
     writer = EpisodeWriter(tmp_path, {"backend": "zero"})
-    writer.submit(
-        buffer_with_steps(), EpisodeEnd("end", terminated=True, truncated=False, success=True)
-    )
+    book = EpisodeBook("test/Null-v0", writer, idle_timeout_s=30)
+    record_episode(book, terminated=True, success=True)
     writer.close()
     (episode,) = list(iter_episodes(tmp_path))
     assert episode.episode_id == "ep" and len(episode) == 3 and episode.success is True
     assert episode.meta["backend"] == "zero" and episode.meta["total_reward"] == 8.0
+    assert (episode.meta["seed"], episode.meta["task"], episode.meta["format_version"]) == (
+        5,
+        "pick",
+        2,
+    )
     assert episode.images("image").shape == (3, 4, 5, 3) and episode.images()[2, 0, 0, 0] == 2
     np.testing.assert_array_equal(episode.states()[:, 0], [0, 1, 2])
     np.testing.assert_array_equal(episode.actions()[:, 0], [0, 1, 2])
@@ -65,12 +63,19 @@ def test_episode_round_trip(tmp_path):
     assert episode.column("reasoning") == ["because 0", "because 1", "because 2"]
     assert episode.column("model_version") == ["7"] * 3
     assert episode.column("terminated") == [False, False, True]
+    assert episode.column("decided_by") == ["teacher:oracle", "policy", "teacher:oracle"]
+    assert episode.column("teacher_skill_index") == [1, 1, 1]
+    assert episode.column("teacher_skill") == ["b"] * 3
+    assert episode.column("teacher_model") == ["oracle"] * 3
+    assert episode.column("teacher_action") == [None] * 3
+    assert episode.column("confidence") == [0.5] * 3
 
 
 def test_repeated_episode_ids_get_distinct_files(tmp_path):
     writer = EpisodeWriter(tmp_path)
+    book = EpisodeBook("test/Null-v0", writer, idle_timeout_s=30)
     for _ in range(2):
-        writer.submit(buffer_with_steps("same"), EpisodeEnd("end"))
+        record_episode(book, "same")
     writer.close()
     assert [p.name for p in episode_paths(tmp_path)] == ["same.1.parquet", "same.parquet"]
 
@@ -82,14 +87,6 @@ def test_stale_temporary_files_are_removed_and_never_listed(tmp_path):
     assert episode_paths(tmp_path) == []
     EpisodeWriter(tmp_path).close()
     assert list(tmp_dir.iterdir()) == []
-
-
-def test_files_that_are_not_episodes_are_refused(tmp_path):
-    import pyarrow as pa
-
-    pq.write_table(pa.table({"x": [1]}), tmp_path / "other.parquet")
-    with pytest.raises(ValueError, match="not an episode file"):
-        read_episode(tmp_path / "other.parquet")
 
 
 def run_episode(client, episode_id, steps, end=True):

@@ -9,7 +9,7 @@ import sys
 import pytest
 from runtime_fixtures import ROOT, free_port, serve_subprocess, stop_process, wait_ready
 
-from agent.recording import iter_episodes
+from agent.store import iter_episodes
 
 ENV_ID = "tabletop/PickPlace-v0"
 
@@ -52,7 +52,12 @@ def test_serve_and_robot_loop_reach_oracle_success(tmp_path):
         "p50_ms",
         "p99_ms",
         "decisions_per_s",
+        "decided_by",
+        "escalation_rate",
+        "model_versions",
     }
+    assert summary["decided_by"] == {"oracle": summary["decisions"]}
+    assert summary["escalation_rate"] == 0.0 and summary["model_versions"] == ["0"]
     assert summary["episodes"] == 4 and summary["success_rate"] >= 0.95
     assert summary["decisions"] >= 8 and summary["p50_ms"] > 0 and summary["decisions_per_s"] > 0
     assert server.returncode == 0, server_out

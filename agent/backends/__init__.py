@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from agent.backends.base import Backend, BackendError, Decision, EnvInfo, Observation
+from agent.backends.base import Backend, BackendError, EnvInfo
 
 BACKENDS: dict[str, str] = {
     "cosmos": "agent.backends.cosmos:CosmosBackend",
@@ -29,12 +29,4 @@ def load_backend(name: str, env: EnvInfo, model: str | None = None, **options: A
     return cls(env, model, **options)
 
 
-__all__ = [
-    "BACKENDS",
-    "Backend",
-    "BackendError",
-    "Decision",
-    "EnvInfo",
-    "Observation",
-    "load_backend",
-]
+__all__ = ["BACKENDS", "Backend", "BackendError", "EnvInfo", "load_backend"]

@@ -17,12 +17,13 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from agent.backends.base import Backend, BackendError, Decision, EnvInfo, Observation
+from agent.backends.base import Backend, BackendError, EnvInfo
+from agent.messages import Decision, Observation
 from agent.reasoning import (
     STYLES,
     build_messages,
@@ -37,7 +38,7 @@ MAX_EPISODE_HISTORIES = 1024
 
 @dataclass
 class CosmosOptions:
-    """Backend options (`**options`; strings from the command line are converted)."""
+    """Backend options (`--backend-opt KEY=VALUE` or keyword arguments; see `parse_options`)."""
 
     temperature: float = 0.6  # official sampling; 0 = greedy
     top_p: float = 0.95
@@ -60,23 +61,6 @@ class CosmosOptions:
     compile: str = "auto"  # static cache + torch.compile: auto (cuda only) | on | off
     seed: int = -1  # >= 0: seed torch before each generate (reproducible sampling)
 
-    @classmethod
-    def parse(cls, options: dict[str, Any]) -> CosmosOptions:
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise BackendError(f"unknown cosmos option(s) {unknown}; known: {sorted(known)}")
-        values = {}
-        for name, raw in options.items():
-            kind = type(getattr(cls(), name))
-            try:
-                values[name] = _convert(raw, kind)
-            except ValueError as exc:
-                raise BackendError(f"cosmos option {name}={raw!r}: {exc}") from None
-        parsed = cls(**values)
-        parsed.check()
-        return parsed
-
     def check(self) -> None:
         if self.fallback not in FALLBACKS:
             raise BackendError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
@@ -98,16 +82,6 @@ class CosmosOptions:
             )
 
 
-def _convert(raw: Any, kind: type) -> Any:
-    if kind is bool and isinstance(raw, str):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("expected true or false")
-    return kind(raw)
-
-
 @dataclass
 class _Prompt:
     text: str
@@ -119,9 +93,10 @@ class CosmosBackend(Backend):
     """Cosmos-Reason1 (Qwen2.5-VL) or Cosmos-Reason2 (Qwen3-VL) behind `Backend.decide`."""
 
     name = "cosmos"
+    Options = CosmosOptions
 
     def __init__(self, env: EnvInfo, model: str | None = None, **options: Any) -> None:
-        super().__init__(env, model)
+        super().__init__(env, model, **options)
         if not model:
             raise BackendError(
                 "the cosmos backend needs --model: a hub id such as "
@@ -131,7 +106,7 @@ class CosmosBackend(Backend):
 
         from agent.backends.vlm_loading import load_model, load_processor, model_type_of
 
-        opts = CosmosOptions.parse(options)
+        opts: CosmosOptions = self.options
         try:
             model_type = model_type_of(model)
         except (OSError, ValueError) as exc:
@@ -152,10 +127,9 @@ class CosmosBackend(Backend):
     ) -> CosmosBackend:
         """Wrap a model already in memory (benchmarks: random 7B-shaped weights on the GPU)."""
         self = cls.__new__(cls)
-        Backend.__init__(self, env, model_id)
-        opts = CosmosOptions.parse(options)
-        _check_video(opts)
-        self._setup(model.eval(), processor, opts)
+        Backend.__init__(self, env, model_id, **options)
+        _check_video(self.options)
+        self._setup(model.eval(), processor, self.options)
         return self
 
     def _setup(self, model: Any, processor: Any, opts: CosmosOptions) -> None:
@@ -424,6 +398,7 @@ class CosmosBackend(Backend):
                 kind = "first" if obs.options and self.options.fallback != "noop" else "noop"
                 decision = self._first_or_noop(obs, kind)
             decision.reasoning = f"{note}\n{decision.reasoning or ''}".strip()
+            decision.decided_by = f"fallback:{kind}"
             self.counters["fallbacks"] += 1
             self.counters[f"fallback_{kind}"] += 1
             decisions.append(decision)

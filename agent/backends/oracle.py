@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
-from agent.backends.base import Backend, BackendError, Decision, Observation
+from agent.backends.base import Backend, BackendError
+from agent.messages import Decision, Observation
 
 
 class OracleBackend(Backend):
     name = "oracle"
 
     def decide(self, batch: Sequence[Observation]) -> list[Decision]:
-        from envs.oracle import decide
+        from envs.oracle import as_decision, decide
 
         decisions = []
         for obs in batch:
@@ -28,16 +27,7 @@ class OracleBackend(Backend):
                     "(observation.sim); only simulated robots can use it"
                 )
             try:
-                answer = decide(obs.sim, list(obs.options))
+                decisions.append(as_decision(decide(obs.sim, list(obs.options))))
             except (KeyError, TypeError, ValueError) as exc:
                 raise BackendError(f"oracle could not decide: {exc}") from exc
-            picked = answer.skill_index >= 0  # -1: no menu was sent, only the action counts
-            decisions.append(
-                Decision(
-                    action=np.asarray(answer.action, np.float32),
-                    skill_index=answer.skill_index if picked else None,
-                    skill=answer.skill if picked else None,
-                    reasoning=answer.rationale,
-                )
-            )
         return decisions

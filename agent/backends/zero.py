@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from agent.backends.base import Backend, Decision, Observation
+from agent.backends.base import Backend
+from agent.messages import Decision, Observation
 
 
 class ZeroBackend(Backend):

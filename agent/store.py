@@ -1,0 +1,360 @@
+"""Episode files: one Parquet file per finished episode; the format, atomic writes, readers.
+
+A leaf module (pyarrow, numpy and the wire types only), shared by the
+server's recorder (`agent.recording`, which writes) and the trainer (which
+reads with `iter_episodes` or, as episodes keep arriving, `follow`). Files are
+written to `DIR/.tmp/`, fsynced and renamed into `DIR`, so a reader sees a
+whole episode or none of it, even after SIGKILL. Never pickled. Format:
+docs/episodes.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from agent.messages import Decision, Observation
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+METADATA_KEY = b"embodied_agent.episode"
+TMP_DIRNAME = ".tmp"
+log = logging.getLogger(__name__)
+
+_IMAGE = pa.struct(
+    [("name", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("data", pa.binary())]
+)
+SCHEMA = pa.schema(
+    [
+        ("episode_id", pa.string()),
+        ("robot_id", pa.string()),
+        ("step", pa.int32()),
+        ("time", pa.float64()),
+        ("instruction", pa.string()),
+        ("options", pa.list_(pa.string())),
+        ("state", pa.list_(pa.float32())),
+        ("images", pa.list_(_IMAGE)),
+        ("action", pa.list_(pa.float32())),
+        ("skill_index", pa.int32()),
+        ("skill", pa.string()),
+        ("point", pa.list_(pa.float32())),
+        ("reasoning", pa.string()),
+        ("reward", pa.float64()),
+        ("terminated", pa.bool_()),
+        ("truncated", pa.bool_()),
+        ("queue_ms", pa.float32()),
+        ("inference_ms", pa.float32()),
+        ("batch_size", pa.int32()),
+        ("model_id", pa.string()),
+        ("model_version", pa.string()),
+        # format 2: who acted, and the teacher's label for the step
+        ("decided_by", pa.string()),
+        ("confidence", pa.float32()),
+        ("teacher_skill_index", pa.int32()),
+        ("teacher_skill", pa.string()),
+        ("teacher_action", pa.list_(pa.float32())),
+        ("teacher_model", pa.string()),
+    ]
+)
+V2_COLUMNS = SCHEMA.names[SCHEMA.get_field_index("decided_by") :]
+SUMMARY_DEFAULTS = {"seed": None, "task": None}  # format-2 summary fields a v1 file lacks
+
+
+class EpisodeError(ValueError):
+    """A file that is not a readable episode (corrupt, truncated, foreign, or too new)."""
+
+
+@dataclass
+class Step:
+    """One decision as it is recorded."""
+
+    observation: Observation
+    decision: Decision
+    time: float
+    reward: float | None = None  # earned by this decision (reported later by the robot)
+    timing: dict[str, float] | None = None
+    model_id: str = ""
+    model_version: str = ""
+
+
+def _floats(values: Any) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, np.float32).reshape(-1)
+
+
+def _row(step: Step) -> dict[str, Any]:
+    obs, dec, timing = step.observation, step.decision, step.timing or {}
+    teacher = dec.teacher.decision if dec.teacher else None
+    return {
+        "episode_id": obs.episode_id,
+        "robot_id": obs.robot_id,
+        "step": obs.step,
+        "time": step.time,
+        "instruction": obs.instruction,
+        "options": obs.options,
+        "state": obs.state,
+        "images": [
+            {"name": k, "height": v.shape[0], "width": v.shape[1], "data": v.tobytes()}
+            for k, v in obs.images.items()
+        ],
+        "action": _floats(dec.action),
+        "skill_index": dec.skill_index,
+        "skill": dec.skill,
+        "point": None if dec.point is None else list(dec.point),
+        "reasoning": dec.reasoning,
+        "reward": step.reward,
+        "terminated": False,
+        "truncated": False,
+        "queue_ms": timing.get("queue_ms"),
+        "inference_ms": timing.get("inference_ms"),
+        "batch_size": timing.get("batch_size"),
+        "model_id": step.model_id,
+        "model_version": step.model_version,
+        "decided_by": dec.decided_by,
+        "confidence": dec.confidence,
+        "teacher_skill_index": None if teacher is None else teacher.skill_index,
+        "teacher_skill": None if teacher is None else teacher.skill,
+        "teacher_action": None if teacher is None else _floats(teacher.action),
+        "teacher_model": dec.teacher.model if dec.teacher else None,
+    }
+
+
+def episode_table(steps: Sequence[Step], summary: dict[str, Any]) -> pa.Table:
+    """Arrow table of a finished episode (steps in order); `summary` goes into the metadata.
+
+    `summary` holds what the recorder knows (ids, env, end reason, success,
+    `terminated`/`truncated`, seed, task, ...); the step counts, the total
+    reward and the format version are added here. `terminated`/`truncated`
+    are set on the last row only.
+    """
+    rows = [_row(step) for step in steps]
+    if rows:
+        rows[-1]["terminated"] = bool(summary.get("terminated"))
+        rows[-1]["truncated"] = bool(summary.get("truncated"))
+    cols = {name: [row[name] for row in rows] for name in SCHEMA.names}
+    rewards = [r for r in cols["reward"] if r is not None]
+    meta = {
+        **SUMMARY_DEFAULTS,
+        **summary,
+        "format_version": FORMAT_VERSION,
+        "steps": len(rows),
+        "first_step": cols["step"][0] if rows else None,
+        "total_reward": float(sum(rewards)),
+    }
+    table = pa.Table.from_pydict(cols, schema=SCHEMA)
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+
+
+def write_atomically(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` so that readers never see a partial file."""
+    tmp_dir = path.parent / TMP_DIRNAME
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_tmp(directory: Path) -> None:
+    """Temporary files left by a killed writer are never episodes; clear them."""
+    for stale in (directory / TMP_DIRNAME).glob("*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def free_path(directory: Path, episode_id: str) -> Path:
+    """`DIR/<episode_id>.parquet`, or `<episode_id>.<n>.parquet` if that name is taken.
+
+    Only safe with one writer per directory (the recorder's thread).
+    """
+    name, n = f"{episode_id}.parquet", 1
+    while (directory / name).exists():
+        name, n = f"{episode_id}.{n}.parquet", n + 1
+    return directory / name
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Episode:
+    """One recorded episode: its summary (`meta`) and its steps (`table`)."""
+
+    path: Path
+    meta: dict[str, Any]
+    table: pa.Table
+
+    @property
+    def episode_id(self) -> str:
+        return self.meta["episode_id"]
+
+    @property
+    def success(self) -> bool | None:
+        return self.meta.get("success")
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def column(self, name: str) -> list[Any]:
+        return self.table.column(name).to_pylist()
+
+    def states(self) -> np.ndarray:
+        """(T, D) float32 states; raises ValueError if a step has none."""
+        values = self.column("state")
+        if any(v is None for v in values):
+            raise ValueError(f"episode {self.episode_id} has steps without state")
+        return np.asarray(values, dtype=np.float32).reshape(len(values), -1)
+
+    def images(self, name: str = "image") -> np.ndarray:
+        """(T, H, W, 3) uint8 frames of camera `name`; KeyError if a step lacks it."""
+        frames = []
+        for step_images in self.column("images"):
+            match = next((im for im in step_images if im["name"] == name), None)
+            if match is None:
+                raise KeyError(f"episode {self.episode_id} has a step without image {name!r}")
+            frames.append(
+                np.frombuffer(match["data"], np.uint8).reshape(match["height"], match["width"], 3)
+            )
+        return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+
+    def actions(self) -> np.ndarray:
+        """(T, A) float32 low-level actions; raises ValueError if a step has none."""
+        values = self.column("action")
+        if any(v is None for v in values):
+            raise ValueError(f"episode {self.episode_id} has steps without a low-level action")
+        return np.asarray(values, dtype=np.float32).reshape(len(values), -1)
+
+    def skill_indices(self) -> np.ndarray:
+        """(T,) int64 chosen skill per step, -1 where the decision picked none."""
+        return np.array([-1 if v is None else v for v in self.column("skill_index")], np.int64)
+
+    def rewards(self) -> np.ndarray:
+        """(T,) float32 rewards; NaN where the robot never reported one."""
+        return np.array([np.nan if v is None else v for v in self.column("reward")], np.float32)
+
+
+def read_episode(path: str | Path) -> Episode:
+    """Load one episode file (never unpickles anything); EpisodeError if it is not one.
+
+    Files of format 1 read too: the format-2 columns come back as nulls.
+    """
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise EpisodeError(f"{path}: not a readable Parquet file ({exc})") from exc
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise EpisodeError(f"{path} is not an episode file (no {METADATA_KEY.decode()} metadata)")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise EpisodeError(f"{path}: episode summary is not JSON ({exc})") from exc
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version not in READABLE_VERSIONS:
+        raise EpisodeError(
+            f"{path}: episode format {version!r} is not supported (this reader "
+            f"reads {list(READABLE_VERSIONS)}); upgrade embodied-agent to read it"
+        )
+    if version == 1:
+        for name in V2_COLUMNS:
+            table = table.append_column(
+                SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type)
+            )
+        meta = {**SUMMARY_DEFAULTS, **meta}
+    missing = [name for name in SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise EpisodeError(f"{path}: episode file lacks the columns {missing}")
+    return Episode(path, meta, table)
+
+
+def episode_paths(directory: str | Path) -> list[Path]:
+    """Finished episode files under `directory`, subdirectories included (e.g. one per env).
+
+    Hidden names (the writers' `.tmp/`) are skipped, so temporary files are never listed.
+    """
+    root = Path(directory)
+    return sorted(
+        p
+        for p in root.rglob("*.parquet")
+        if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+OnError = Callable[[Path, EpisodeError], None]
+
+
+def iter_episodes(directory: str | Path, on_error: OnError | None = None) -> Iterator[Episode]:
+    """Every episode in `directory`, by file name; a bad file raises, or goes to `on_error`."""
+    for path in episode_paths(directory):
+        try:
+            yield read_episode(path)
+        except EpisodeError as exc:
+            if on_error is None:
+                raise
+            on_error(path, exc)
+
+
+def follow(
+    directory: str | Path,
+    *,
+    poll_s: float = 0.5,
+    stop: threading.Event | None = None,
+    idle_timeout_s: float | None = None,
+    on_error: OnError | None = None,
+) -> Iterator[Episode]:
+    """Yield each finished episode under `directory` once, as it appears, until told to stop.
+
+    Episodes already there come first. A directory that does not exist yet is
+    waited for. Files appear only by an atomic rename, so a partial episode
+    (a writer killed mid-write) is never seen. Stops when `stop` is set, or
+    after `idle_timeout_s` without a new episode; runs forever otherwise.
+    A bad file is reported to `on_error` (or logged) once and skipped.
+    """
+    seen: set[Path] = set()
+    last_new = time.monotonic()
+    while True:
+        fresh = [p for p in episode_paths(directory) if p not in seen]
+        for path in fresh:
+            if stop is not None and stop.is_set():
+                return
+            seen.add(path)
+            try:
+                episode = read_episode(path)
+            except EpisodeError as exc:
+                if on_error is None:
+                    log.warning("skipping %s", exc)
+                else:
+                    on_error(path, exc)
+                continue
+            last_new = time.monotonic()
+            yield episode
+        if stop is not None and stop.is_set():
+            return
+        if idle_timeout_s is not None and time.monotonic() - last_new >= idle_timeout_s:
+            return
+        if stop is not None:
+            stop.wait(poll_s)
+        else:
+            time.sleep(poll_s)
