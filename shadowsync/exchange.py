@@ -8,8 +8,10 @@ against the zeros `hvd.join()` would contribute.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +36,17 @@ def run_round(
     n: int,
     stop: bool = False,
     poll_interval: float = 0.001,
+    guard: AbstractContextManager | None = None,
 ) -> RoundResult:
-    """Snapshot, exchange and apply one round of `rule`; returns whether all ranks stop now."""
+    """Snapshot, exchange and apply one round of `rule`; returns whether all ranks stop now.
+
+    `guard` (a lock) is held while the replica is read and while the delta is
+    added, never during the allreduce, so a caller holding it sees whole rounds.
+    """
+    guard = guard or contextlib.nullcontext()
     round_started = time.perf_counter()
-    snapshot = flatten(params)
+    with guard:
+        snapshot = flatten(params)
     contribution = rule.outgoing(snapshot)
     flag = torch.tensor(
         [1.0 if stop else 0.0], dtype=contribution.dtype, device=contribution.device
@@ -47,7 +56,9 @@ def run_round(
     total = comm.allreduce_sum(payload, name=name, poll_interval=poll_interval)
     comm_seconds = time.perf_counter() - started
     last = bool(total[-1].item() > 0)
-    add_flat_(params, rule.incoming(snapshot, total[:-1], n, last=last))
+    delta = rule.incoming(snapshot, total[:-1], n, last=last)
+    with guard:
+        add_flat_(params, delta)
     nbytes = payload.numel() * payload.element_size()
     return RoundResult(
         stop=last,

@@ -7,13 +7,20 @@
 Neither the backward pass nor the training loop waits on communication; the
 shadow thread snapshots the replica, allreduces, and adds the resulting delta
 back, round after round, until every rank has asked to stop.
+
+A training loop with an ordinary optimizer (Adam, ...) wraps its
+`optimizer.step()` in `sync.exclusive()`, and so does anything that copies
+the weights (a checkpoint): the shadow thread never reads or writes the
+replica in the middle of either, so every step and every snapshot is whole.
+The allreduce itself runs outside the lock, so the loop never waits on it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -66,6 +73,7 @@ class ShadowSync:
         self._stats = SyncStats(algorithm=algorithm)
         self._size = 0
         self._lock = threading.Lock()
+        self._weights = threading.Lock()  # held by the shadow thread while it reads/writes them
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -112,6 +120,17 @@ class ShadowSync:
         with self._lock:
             self._stats.worker_iterations += iterations
 
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """A block in which the shadow thread neither reads nor writes the weights.
+
+        Wrap an optimizer step (so no round lands in the middle of it) or a
+        copy of the weights (so a checkpoint is one consistent replica). Held
+        only briefly by the shadow thread (a copy or an add, not the allreduce).
+        """
+        with self._weights:
+            yield
+
     @property
     def running(self) -> bool:
         """True while the shadow thread is still synchronising."""
@@ -137,6 +156,7 @@ class ShadowSync:
                     self._size,
                     stop=self._stop.is_set(),
                     poll_interval=self.poll_interval,
+                    guard=self._weights,
                 )
                 with self._lock:
                     self._stats.count_round(result)

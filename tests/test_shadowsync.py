@@ -92,3 +92,12 @@ def test_foreground_stop_request_is_kept_until_the_next_round(records):
         fg = rec["foreground_stop"]
         assert fg["left_at"] == 5 and fg["rounds"] == 1
         assert fg["final"] == [1.5] * 10
+
+
+def test_exclusive_blocks_hold_rounds_off_the_weights(records):
+    for record in records:
+        ex = record["exclusive"]
+        mine = 10.0 * (record["rank"] + 1)
+        assert ex["held"] == [mine, mine]  # untouched while held
+        assert ex["rounds_during"] <= 1  # at most the round that was waiting on the lock
+        assert ex["after"][0] == pytest.approx(15.0) and ex["after"][1] == pytest.approx(15.0)

@@ -136,6 +136,22 @@ def idle_rounds() -> dict:
     }
 
 
+def exclusive_block() -> dict:
+    """Inside `exclusive()` no round touches the weights; after it, rounds average again."""
+    value = torch.full((1000,), float(hvd.rank() + 1))
+    with ShadowSync([value], "ma", name="t.exclusive", broadcast=False, interval=0.001) as sync:
+        settle(sync, rounds=2)
+        with sync.exclusive():
+            value.fill_(10.0 * (hvd.rank() + 1))  # a "step" no round may interleave with
+            rounds_before = sync.stats.rounds
+            time.sleep(0.3)
+            held = [value.min().item(), value.max().item()]
+            rounds_during = sync.stats.rounds - rounds_before
+        settle(sync, rounds=3)
+        after = [value.min().item(), value.max().item()]
+    return {"held": held, "rounds_during": rounds_during, "after": after}
+
+
 def foreground_stop() -> dict:
     """Rank 0 asks to stop once, between rounds: the request waits for the next round."""
     value = torch.full((10,), float(hvd.rank() + 1))
@@ -166,6 +182,7 @@ def main(out_dir: Path) -> None:
     record["uneven"] = uneven_finish()
     record["idle"] = idle_rounds()
     record["foreground_stop"] = foreground_stop()
+    record["exclusive"] = exclusive_block()
     (out_dir / f"rank{hvd.rank()}.json").write_text(json.dumps(record))
     hvd.shutdown()
 
