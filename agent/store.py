@@ -289,6 +289,17 @@ def read_episode(path: str | Path) -> Episode:
     return Episode(path, meta, table)
 
 
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """An episode's summary only (the file's footer, no rows); EpisodeError if it has none."""
+    path = Path(path)
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        meta = json.loads(metadata[METADATA_KEY])
+    except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
+        raise EpisodeError(f"{path}: no readable episode summary ({exc})") from exc
+    return {**SUMMARY_DEFAULTS, **meta}
+
+
 def episode_paths(directory: str | Path) -> list[Path]:
     """Finished episode files under `directory`, subdirectories included (e.g. one per env).
 

@@ -20,26 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 
 from agent.client import AgentClient
 from agent.messages import Decision
+from envs.rollout import observation_fields
 from envs.skill_env import SkillExecutor
-
-IMAGE_KEYS = ("image", "wrist_image")
-
-
-def observation_request(obs: Any, info: dict[str, Any]) -> dict[str, Any]:
-    """The `Observation` fields for a gymnasium observation (pure)."""
-    if isinstance(obs, dict):
-        state = obs.get("state")
-        return {
-            "images": {k: np.asarray(obs[k], np.uint8) for k in IMAGE_KEYS if k in obs},
-            "state": None if state is None else np.asarray(state, np.float32),
-            "instruction": str(obs.get("instruction", info.get("instruction", ""))),
-            "options": list(info.get("options", [])),
-        }
-    return {"state": np.asarray(obs, np.float32).ravel(), "instruction": "", "options": []}
 
 
 class RemotePolicy:
@@ -88,7 +73,7 @@ class RemotePolicy:
             reward=reward,
             seed=self.seed if first else None,
             task=self.task if first else None,
-            **observation_request(obs, info),
+            **observation_fields(obs, info),
         )
         self.step += 1
         self.model_version = reply.model_version

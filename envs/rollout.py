@@ -28,6 +28,8 @@ import numpy as np
 from agent.messages import Decision
 from envs.skill_env import SkillChoiceEnv
 
+IMAGE_KEYS = ("image", "wrist_image")
+
 
 class Policy(Protocol):
     """Decides an env's next step. Not thread-safe: one per robot."""
@@ -72,6 +74,19 @@ class EpisodeResult:
     instruction: str = ""
     low_level_steps: int = 0  # simulator steps the skills took (skill envs)
     frames: list[np.ndarray] = field(default_factory=list)  # scene image before each step
+
+
+def observation_fields(obs: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """The `Observation` fields (images, state, instruction, options) of a gymnasium observation."""
+    if isinstance(obs, dict):
+        state = obs.get("state")
+        return {
+            "images": {k: np.asarray(obs[k], np.uint8) for k in IMAGE_KEYS if k in obs},
+            "state": None if state is None else np.asarray(state, np.float32),
+            "instruction": str(obs.get("instruction", info.get("instruction", ""))),
+            "options": list(info.get("options", [])),
+        }
+    return {"state": np.asarray(obs, np.float32).ravel(), "instruction": "", "options": []}
 
 
 def execute(env: gym.Env, decision: Decision) -> tuple[Any, float, bool, bool, dict[str, Any]]:

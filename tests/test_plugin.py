@@ -7,18 +7,18 @@ from runtime_fixtures import running_env_server
 
 import envs
 from agent.store import iter_episodes
-from envs.plugin import RemotePolicy, observation_request
-from envs.rollout import run_episode
+from envs.plugin import RemotePolicy
+from envs.rollout import observation_fields, run_episode
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_observation_request_for_dict_and_flat_observations():
+def test_observation_fields_for_dict_and_flat_observations():
     obs = {"image": np.zeros((4, 4, 3), np.uint8), "state": np.ones(3), "instruction": "stack"}
-    req = observation_request(obs, {"options": ["grasp"]})
+    req = observation_fields(obs, {"options": ["grasp"]})
     assert req["state"].dtype == np.float32 and set(req["images"]) == {"image"}
     assert req["instruction"] == "stack" and req["options"] == ["grasp"]
-    flat = observation_request(np.ones(23), {})
+    flat = observation_fields(np.ones(23), {})
     assert flat["state"].shape == (23,) and flat["options"] == []
 
 
