@@ -61,6 +61,37 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="backend option, repeatable (e.g. temperature=0.6 for cosmos)",
     )
+    serve.add_argument(
+        "--swap-at",
+        choices=("batch", "episode"),
+        default=None,
+        help="policy/onnx: serve a new version from the next batch (default) or from new episodes",
+    )
+    teach = serve.add_argument_group("teacher (DAgger labels, mixing, escalation)")
+    teach.add_argument(
+        "--teacher", default=None, help="a backend that labels every step (e.g. oracle, cosmos)"
+    )
+    teach.add_argument("--teacher-model", default=None, help="the teacher's --model")
+    teach.add_argument(
+        "--teacher-opt", action="append", default=[], metavar="KEY=VALUE", help="teacher option"
+    )
+    teach.add_argument(
+        "--beta", type=float, default=0.0, help="the teacher acts with this probability (DAgger)"
+    )
+    teach.add_argument(
+        "--escalate-below",
+        type=float,
+        default=None,
+        metavar="P",
+        help="the teacher acts where the student's confidence is below P",
+    )
+    teach.add_argument(
+        "--label",
+        choices=("every", "escalated"),
+        default="every",
+        help="ask the teacher on every step (labels) or only where it acts",
+    )
+    teach.add_argument("--teacher-seed", type=int, default=0, help="seed of the --beta draws")
     serve.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
     serve.add_argument(
         "--record",

@@ -53,7 +53,9 @@ class Decision:
     `decided_by` says who produced it (see docs/episodes.md; the server fills
     in the backend's name when a backend leaves it empty). `confidence` is a
     policy's probability for its choice, where it has one. `teacher` never
-    travels on the wire: it is recorded as the step's label.
+    travels on the wire: it is recorded as the step's label. `model_version`
+    is set by a backend that serves several versions at once (per-episode
+    consistency); the reply's `model_version` then says which one decided.
     """
 
     action: np.ndarray | None = None
@@ -64,6 +66,7 @@ class Decision:
     decided_by: str | None = None
     confidence: float | None = None
     teacher: TeacherLabel | None = None
+    model_version: str | None = None
 
     @property
     def sentence(self) -> str | None:

@@ -353,7 +353,7 @@ def _names(cls: type, *, without: tuple[str, ...] = ()) -> tuple[str, ...]:
 
 # The wire body of each message: its dataclass fields, except where noted.
 _OBSERVATION_WIRE = _names(Observation, without=("robot_id", "episode_id", "step", "history"))
-_DECISION_WIRE = _names(Decision, without=("teacher",))
+_DECISION_WIRE = _names(Decision, without=("teacher", "model_version"))
 _PLAIN_BODY = {
     cls: _names(cls, without=("request_id",))
     for cls in (Hello, EndEpisode, StatsRequest, HelloReply, EndedReply, StatsReply, ErrorReply)

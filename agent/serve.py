@@ -48,6 +48,7 @@ def serve(args: argparse.Namespace) -> int:
             reload_every_s=args.reload_every_s,
         )
         options = parse_option_pairs(args.backend_opt)
+        teacher_options = parse_option_pairs(args.teacher_opt)
     except (ValueError, BackendError) as exc:
         print(f"agent serve: {exc}", file=sys.stderr)
         return 2
@@ -55,8 +56,24 @@ def serve(args: argparse.Namespace) -> int:
         print("agent serve: --openpi-port cannot be combined with --curve", file=sys.stderr)
         return 2
     backend_name = args.backend or ("oracle" if env.info.has_skills else "zero")
+    if args.swap_at is not None:
+        options["swap_at"] = args.swap_at
     try:
         backend = load_backend(backend_name, env.info, args.model, **options)
+        if args.teacher is not None:
+            from agent.backends.teaching import Teaching
+
+            teacher = load_backend(args.teacher, env.info, args.teacher_model, **teacher_options)
+            backend = Teaching(
+                backend,
+                teacher,
+                beta=args.beta,
+                escalate_below=args.escalate_below,
+                label=args.label,
+                seed=args.teacher_seed,
+            )
+        elif args.beta or args.escalate_below is not None:
+            raise BackendError("--beta and --escalate-below need a --teacher")
         backend.warmup()
     except BackendError as exc:
         print(f"agent serve: {exc}", file=sys.stderr)
@@ -105,8 +122,8 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, graceful)
     print(
-        f"[serve] {args.env} · backend {backend_name} ({backend.model_id} "
-        f"v{backend.model_version}) · listening on {endpoint} · max batch {config.max_batch}, "
+        f"[serve] {args.env} · backend {backend.name} ({backend.model_id}, "
+        f"version {backend.model_version}) · listening on {endpoint} · max batch {config.max_batch}, "
         f"window {config.batch_timeout_ms} ms"
         + (f" · recording to {args.record}" if args.record else "")
         + (" · CURVE on" if args.curve else ""),

@@ -369,14 +369,9 @@ class Server:
             }
             if not isinstance(result, P.ProtocolError):
                 result.decided_by = result.decided_by or self.backend.name
+                version = result.model_version or model_version
                 answer = DecisionReply(
-                    req.request_id,
-                    obs.episode_id,
-                    obs.step,
-                    result,
-                    model_id,
-                    model_version,
-                    timing,
+                    req.request_id, obs.episode_id, obs.step, result, model_id, version, timing
                 )
                 try:  # a malformed decision (a backend bug) must not take the loop down
                     reply = P.encode(answer)
@@ -395,7 +390,7 @@ class Server:
             else:
                 c["decisions"] += 1
                 self.episodes.record(
-                    obs, req.reward, result, timing, model_id, model_version, req.seed, req.task
+                    obs, req.reward, result, timing, model_id, version, req.seed, req.task
                 )
             sock.send_multipart([*waiting.envelope, reply])
         c["busy_s"] += time.perf_counter() - start

@@ -13,7 +13,9 @@ from agent.backends.base import Backend, BackendError, EnvInfo
 
 BACKENDS: dict[str, str] = {
     "cosmos": "agent.backends.cosmos:CosmosBackend",
+    "onnx": "agent.backends.onnx:OnnxBackend",
     "oracle": "agent.backends.oracle:OracleBackend",
+    "policy": "agent.backends.policy:PolicyBackend",
     "zero": "agent.backends.zero:ZeroBackend",
 }
 
