@@ -102,6 +102,15 @@ fi
 # --- the project --------------------------------------------------------------
 say "installing the project (editable) with its dev tools"
 "${PIP[@]}" -c "$CONSTRAINTS" -e ".[all,dev]"
+# Where torch is a CUDA build, the edge runner gets onnxruntime's GPU build (CUDA and
+# TensorRT execution providers); both install the same module, so one replaces the other.
+if has_gpu && "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  if ! "$PY" -m pip show --disable-pip-version-check onnxruntime-gpu >/dev/null 2>&1; then
+    say "replacing onnxruntime with onnxruntime-gpu"
+    "$PY" -m pip uninstall --disable-pip-version-check --quiet -y onnxruntime
+    "${PIP[@]}" -c "$CONSTRAINTS" onnxruntime-gpu
+  fi
+fi
 
 if ! horovod_ok; then
   "$VENV/bin/horovodrun" --check-build >&2 || true
