@@ -8,7 +8,9 @@ Each robot is its own process (this script with `--robot-index`) with its own
 env and `AgentClient`; it reports episodes as JSON lines (no pickle crosses a
 process boundary). The server batches the robots' requests. Prints one line per episode, a summary, and with
 `--json` one JSON object as the last line (success_rate, episodes, decisions,
-p50_ms, p99_ms, decisions_per_s, decided_by, escalation_rate, model_versions).
+p50_ms, p99_ms, decisions_per_s, decided_by, escalation_rate, model_versions,
+failed_seeds). Episodes use the seeds SEED .. SEED+EPISODES-1 whatever the
+number of robots, so two runs with the same seed face the same scenes.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def robot(index: int, args: argparse.Namespace) -> int:
         policy = RemotePolicy(client)
         for k in range(args.robot_episodes):
             start = time.time()
-            result = run_episode(env, policy, seed=args.seed + 10_000 * index + k)
+            result = run_episode(env, policy, seed=args.seed + args.robot_offset + k)
             result.reasoning = []  # can be long (Cosmos-Reason); recorded by the server anyway
             emit("episode", {**asdict(result), "start": start, "end": time.time()})
         policy.close()
@@ -67,7 +69,7 @@ def robot(index: int, args: argparse.Namespace) -> int:
 
 
 def launch(
-    index: int, episodes: int, args: argparse.Namespace, out: queue.Queue
+    index: int, episodes: int, offset: int, args: argparse.Namespace, out: queue.Queue
 ) -> subprocess.Popen:
     """Start robot `index` as a subprocess; a thread forwards its JSON lines to `out`."""
     cmd = [
@@ -77,6 +79,8 @@ def launch(
         str(index),
         "--robot-episodes",
         str(episodes),
+        "--robot-offset",
+        str(offset),
         "--endpoint",
         args.endpoint,
         "--env",
@@ -118,6 +122,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             decided_by[who] = decided_by.get(who, 0) + n
     escalated = sum(n for who, n in decided_by.items() if who.startswith("escalated:"))
     versions = sorted({v for r in results for v in r["model_versions"]})
+    failed = sorted(r["seed"] for r in results if r["success"] is False)
     return {
         "success_rate": float(np.mean(judged)) if judged else None,
         "episodes": len(results),
@@ -128,6 +133,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         "decided_by": decided_by,
         "escalation_rate": escalated / decisions if decisions else 0.0,
         "model_versions": versions,
+        "failed_seeds": failed,
     }
 
 
@@ -137,12 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", default="tabletop/PickPlace-v0")
     parser.add_argument("--robots", type=int, default=4)
     parser.add_argument("--episodes", type=int, default=20, help="episodes in total")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="episodes use seeds SEED .. SEED+EPISODES-1"
+    )
     parser.add_argument("--timeout-ms", type=int, default=30_000, help="per decision")
     parser.add_argument("--deadline-s", type=float, default=1800, help="give up after this long")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     parser.add_argument("--robot-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--robot-episodes", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--robot-offset", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.robot_index is not None:
         return robot(args.robot_index, args)
@@ -158,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.episodes} episodes",
         flush=True,
     )
-    procs = [launch(i, n, args, out) for i, n in enumerate(shares)]
+    offsets = [sum(shares[:i]) for i in range(len(shares))]
+    procs = [launch(i, n, offsets[i], args, out) for i, n in enumerate(shares)]
 
     results: list[dict[str, Any]] = []
     errors: list[str] = []

@@ -47,3 +47,31 @@ def horovodrun(
 @pytest.fixture
 def run_horovod():
     return horovodrun
+
+
+@pytest.fixture(scope="session")
+def recorded(tmp_path_factory):
+    """Oracle episodes recorded by a real `agent serve` from real robot processes:
+    10 of PickPlace (seeds 0-9) and 6 of Push (seeds 0-5), one subdirectory per env."""
+    from agent.launch import run_robots, serving
+
+    root = tmp_path_factory.mktemp("episodes")
+    for env_id, n in (("tabletop/PickPlace-v0", 10), ("tabletop/Push-v0", 6)):
+        with serving(env_id, "--record", str(root / env_id.split("/")[1])) as (endpoint, _):
+            summary = run_robots(endpoint, env_id, n, seed=0, robots=2, timeout_s=240)
+        assert summary["episodes"] == n
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(recorded, tmp_path_factory):
+    """A small student trained (one process, 250 steps) on `recorded`; its CKPT directory."""
+    from agent.launch import run, trainer_command
+
+    out = tmp_path_factory.mktemp("ckpt") / "student"
+    cmd = trainer_command(
+        1, "--episodes", str(recorded), "--out", str(out), "--max-steps", "250",
+        "--width", "32", "--publish-every-s", "1e9", "--json", "--quiet",
+    )  # fmt: skip
+    run(cmd, timeout_s=300, what="the trainer")
+    return out

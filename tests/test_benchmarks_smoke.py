@@ -67,3 +67,54 @@ def test_doctor_reports_a_working_horovod():
     info = json.loads(proc.stdout)
     assert proc.returncode == 0 and info["ok"]
     assert info["horovod_build"]["PyTorch"] and info["horovod_build"]["Gloo"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_learning_benchmark_runs_every_stage(tmp_path):
+    result = run_json(
+        "benchmarks/learning.py", "--quick", "--out", str(tmp_path), "--json", timeout=560
+    )
+    (row,) = result["sizes"]
+    assert set(row["student"]) == set(result["tasks"]) == set(result["oracle"])
+    assert all(r["success"] == 1.0 for r in result["oracle"].values())
+    assert set(result["sync"]) == {"1xnone", "2xnone", "2xma"}
+    assert all(r["samples_per_s"] > 0 for r in result["sync"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_dagger_benchmark_runs_rounds_and_the_escalation_curve(tmp_path):
+    result = run_json(
+        "benchmarks/dagger.py", "--quick", "--out", str(tmp_path), "--json", timeout=560
+    )
+    assert [r["round"] for r in result["rounds"]] == [0, 1]
+    assert [r["teacher_labelled_episodes_per_task"] for r in result["rounds"]] == [3, 5]
+    (point,) = result["escalation"]
+    assert 0.0 <= point["escalation_rate"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_hot_reload_benchmark_swaps_and_refuses_corrupt_versions():
+    result = run_json(
+        "benchmarks/hot_reload.py", "--robots", "4", "--versions", "6", "--every-s", "0.3", "--json",
+        timeout=360,
+    )  # fmt: skip
+    assert result["version_swaps"] >= 3 and result["versions_refused"] == 3
+    assert result["corrupt_served"] == []
+    swaps = result["with_swaps"]
+    assert swaps["lost"] == swaps["failed"] == swaps["mismatched"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_edge_benchmark_compares_torch_and_onnx(trained, recorded):
+    result = run_json(
+        "benchmarks/edge.py", "--checkpoint", str(trained), "--episodes", str(recorded),
+        "--seeds", "2", "--repeats", "10", "--rounds", "1", "--tasks", "tabletop/Push-v0", "--json",
+        timeout=360,
+    )  # fmt: skip
+    assert {"torch_eager", "ort_fp32"} <= set(result["speed"])
+    assert result["export"]["parity_max_abs_diff"] <= 1e-4
+    assert result["success"]["ort_fp32"] == result["success"]["torch_eager"]

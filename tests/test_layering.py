@@ -32,6 +32,11 @@ TRANSITIVE = {
     "envs.rollout": (HEAVY | {"trainer", "shadowsync", "export"}, None),
     "envs.plugin": (HEAVY | {"trainer", "shadowsync", "export"}, None),
     "shadowsync": ({"agent", "envs", "trainer", "export"}, None),
+    "trainer": (HEAVY | SIM | {"pyarrow"}, TRAINER_ALLOWED_AGENT),
+    "trainer.features": (HEAVY | SIM | {"pyarrow"}, TRAINER_ALLOWED_AGENT),
+    "trainer.student": (HEAVY | SIM | {"pyarrow"}, TRAINER_ALLOWED_AGENT),
+    "trainer.train": (HEAVY | SIM, TRAINER_ALLOWED_AGENT),
+    "export.edge": ({"torch", "transformers", "horovod", "pyarrow"}, TRAINER_ALLOWED_AGENT),
 }
 
 # (files, forbidden top-level modules), read from the source at any depth
@@ -40,6 +45,7 @@ STATIC = [
     (["agent/store.py"], HEAVY | SIM | {"envs"}),
     (["envs/**/*.py"], HEAVY | {"trainer", "shadowsync", "export"}),
     (["shadowsync/**/*.py"], {"agent", "envs", "trainer", "export"}),
+    (["trainer/features.py", "export/edge.py"], {"torch", "horovod"}),
 ]
 
 
@@ -94,6 +100,23 @@ def static_cases():
 @pytest.mark.parametrize(("path", "forbidden"), list(static_cases()))
 def test_import_rules_on_the_source(path, forbidden):
     bad = imported_modules(path) & forbidden
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def agent_modules_imported(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.split(".")[0] == "agent")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.update({node.module} if node.module.split(".")[0] == "agent" else set())
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("trainer/*.py")), ids=lambda p: p.name)
+def test_the_trainer_uses_only_the_episode_store_and_the_wire_types(path):
+    bad = agent_modules_imported(path) - TRAINER_ALLOWED_AGENT
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 

@@ -55,9 +55,12 @@ def test_serve_and_robot_loop_reach_oracle_success(tmp_path):
         "decided_by",
         "escalation_rate",
         "model_versions",
+        "failed_seeds",
     }
     assert summary["decided_by"] == {"oracle": summary["decisions"]}
     assert summary["escalation_rate"] == 0.0 and summary["model_versions"] == ["0"]
+    assert summary["failed_seeds"] == []
+    assert sorted(e.meta["seed"] for e in iter_episodes(tmp_path)) == [0, 1, 2, 3]
     assert summary["episodes"] == 4 and summary["success_rate"] >= 0.95
     assert summary["decisions"] >= 8 and summary["p50_ms"] > 0 and summary["decisions_per_s"] > 0
     assert server.returncode == 0, server_out
