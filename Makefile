@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(if $(QUICK),--quick)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -137,12 +137,24 @@ def run(cmd: Sequence[str], *, timeout_s: float, what: str) -> dict:
 def run_robots(
     endpoint: str, env_id: str, episodes: int, seed: int, robots: int = 2, timeout_s: float = 1800
 ) -> dict:
-    """`examples/robot_loop.py` against `endpoint` on seeds seed..seed+episodes-1; its summary."""
+    """`examples/robot_loop.py` against `endpoint` on seeds seed..seed+episodes-1; its summary.
+
+    Its progress bar is off: callers drive several at once and show their own.
+    """
     script = ROOT / "examples" / "robot_loop.py"
     if not script.is_file():
         raise FileNotFoundError(f"{script} is missing (robot loops run from a source checkout)")
     cmd = [sys.executable, str(script), "--endpoint", endpoint, "--env", env_id]
-    cmd += ["--robots", str(robots), "--episodes", str(episodes), "--seed", str(seed), "--json"]
+    cmd += [
+        "--robots",
+        str(robots),
+        "--episodes",
+        str(episodes),
+        "--seed",
+        str(seed),
+        "--json",
+        "--no-progress",
+    ]
     return run(cmd, timeout_s=timeout_s, what=f"the robot loop on {env_id}")
 
 

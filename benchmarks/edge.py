@@ -8,10 +8,11 @@ Exports the checkpoint (fp32 and int8, both through their gates), then on
 this CPU, one thread each, in alternating rounds: batch 1 and batch 16
 latency and decisions/s of the student in torch eager, in ORT fp32 and in
 ORT int8, on recorded observations (featurised once; the model call is what
-is timed). Then each runs the same held-out seeds of every task in process
-through the one rollout loop. Goals: ORT fp32 batch-1 latency at most half of
-torch eager; ONNX success equal to torch's; int8 >= 1.5x faster than fp32 at
-batch 1 with success within 2 points. The JSON says which goals were met.
+is timed). Then each runs the same held-out seeds of every task through the
+one rollout loop, no server (untimed, `--workers` processes at once).
+Goals: ORT fp32 batch-1 latency at most half of torch eager; ONNX success
+equal to torch's; int8 >= 1.5x faster than fp32 at batch 1 with success
+within 2 points. The JSON says which goals were met.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -54,14 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--workers", type=int, default=2, help="closed-loop processes")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
     import torch
 
-    import envs
-    from envs.rollout import run_episode
-    from export.edge import EdgePolicy, OnnxPolicyRunner
+    from export.edge import OnnxPolicyRunner
     from export.onnx_export import export_checkpoint, recorded_inputs
     from trainer.features import Featuriser
     from trainer.student import StudentPolicy
@@ -104,29 +106,37 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     tasks = tuple(args.tasks.split(","))
-    policies = {"torch_eager": student, "ort_fp32": EdgePolicy(fp32)}
+    models = {"torch_eager": str(args.checkpoint), "ort_fp32": str(fp32)}
     if "ort_int8" in runners:
-        policies["ort_int8"] = EdgePolicy(int8)
-    success: dict[str, dict[str, float]] = {name: {} for name in policies}
-    failed: dict[str, dict[str, list[int]]] = {name: {} for name in policies}
-    for env_id in tasks:
-        env = envs.make_skill_env(env_id)
-        for name, policy in policies.items():
-            runs = [run_episode(env, policy, EVAL_SEED + k) for k in range(args.seeds)]
-            success[name][env_id] = float(np.mean([bool(r.success) for r in runs]))
-            failed[name][env_id] = [r.seed for r in runs if not r.success]
-        env.close()
+        models["ort_int8"] = str(int8)
+    success: dict[str, dict[str, float]] = {name: {} for name in models}
+    failed: dict[str, dict[str, list[int]]] = {name: {} for name in models}
+    jobs = [(name, model, env_id, args.seeds) for env_id in tasks for name, model in models.items()]
+    # Success is not timed: the closed-loop runs share the cores, two processes at once.
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        for (name, _, env_id, _), seeds_failed in zip(
+            jobs, pool.map(closed_loop, jobs), strict=True
+        ):
+            success[name][env_id] = 1.0 - len(seeds_failed) / args.seeds
+            failed[name][env_id] = seeds_failed
     mean = {name: float(np.mean(list(per.values()))) for name, per in success.items()}
     goals = {
         "fp32_batch1_at_most_half_of_torch": speed["ort_fp32"]["batch1_ms"]
         <= 0.5 * speed["torch_eager"]["batch1_ms"],
         "onnx_success_equals_torch": success["ort_fp32"] == success["torch_eager"],
     }
+    why = {}
     if "ort_int8" in speed:
         goals["int8_1.5x_faster_than_fp32"] = (
             speed["ort_int8"]["batch1_ms"] * 1.5 <= speed["ort_fp32"]["batch1_ms"]
         )
         goals["int8_success_within_2_points"] = mean["ort_int8"] >= mean["ort_fp32"] - 0.02
+    else:  # the export's gate refused the int8 model
+        goals["int8_1.5x_faster_than_fp32"] = goals["int8_success_within_2_points"] = False
+        why["int8"] = (
+            f"not written: it chose fp32's option on {report.int8['agreement']:.1%} of "
+            f"{report.int8['observations']} recorded observations (needed 99%)"
+        )
     result = {
         "checkpoint": str(args.checkpoint),
         "export": {
@@ -141,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "failed_seeds": failed,
         "seeds_per_task": args.seeds,
         "goals": goals,
+        "why": why,
         "load_average": os.getloadavg(),
         "threads": 1,
     }
@@ -155,6 +166,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result), flush=True)
     return 0
+
+
+def closed_loop(job: tuple[str, str, str, int]) -> list[int]:
+    """The held-out seeds one policy fails on one task (run in a worker process)."""
+    name, model, env_id, seeds = job
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import envs
+    from envs.rollout import run_episode
+
+    if name == "torch_eager":
+        from trainer.student import StudentPolicy
+
+        policy = StudentPolicy(Path(model), threads=1)
+    else:
+        from export.edge import EdgePolicy
+
+        policy = EdgePolicy(Path(model))
+    env = envs.make_skill_env(env_id)
+    try:
+        runs = [run_episode(env, policy, EVAL_SEED + k) for k in range(seeds)]
+    finally:
+        env.close()
+    return [r.seed for r in runs if not r.success]
 
 
 def speed_for(sizes: dict[str, list[float]], size: int) -> dict[str, float]:

@@ -23,13 +23,16 @@ failed. Everything stays in out/demo/ (episodes, checkpoints, ONNX, logs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,33 +161,107 @@ def per_task(fn, tasks: tuple[str, ...]) -> dict[str, Any]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def teach(episodes: Path, tasks: tuple[str, ...], count: int, seed: int, robots: int) -> dict:
+class Servers:
+    """A stage's servers, one per task: each logs to out/demo/logs/, one bar counts their episodes.
+
+    The bar polls every server's `stats` (closed episodes) over the wire once a
+    second; with a checkpoint it also shows the newest published version.
+    """
+
+    def __init__(self, logs: Path, total: int, ckpt: Path | None = None) -> None:
+        self.logs, self.total, self.ckpt = logs, total, ckpt
+        self.endpoints: dict[str, str] = {}
+        self.episodes: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+
+    def __enter__(self) -> Servers:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.total, unit="episode", leave=False, file=sys.stdout, disable=None
+        )
+        self.thread = threading.Thread(target=self._watch, name="demo-progress", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.finished.set()
+        self.thread.join(5)
+        self.bar.close()
+
+    @contextlib.contextmanager
+    def serve(self, label: str, env_id: str, *args: str) -> Iterator[str]:
+        key = f"{label}-{short(env_id)}"
+        path = self.logs / f"{key}.log"
+        try:
+            with path.open("w") as log, serving(env_id, *args, log=log) as (endpoint, _):
+                with self.lock:
+                    self.endpoints[key] = endpoint
+                try:
+                    yield endpoint
+                finally:
+                    self._count(key, endpoint)
+                    with self.lock:
+                        del self.endpoints[key]
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc} (server log: {path})") from exc
+
+    def _count(self, key: str, endpoint: str) -> None:
+        from agent.client import AgentClient
+
+        with contextlib.suppress(Exception), AgentClient(endpoint, timeout_ms=500) as client:
+            closed = client.stats().get("closed_episodes", 0)
+            with self.lock:
+                self.episodes[key] = max(self.episodes.get(key, 0), int(closed))
+
+    def _watch(self) -> None:
+        from trainer.checkpoint import latest_name
+
+        while not self.finished.wait(1.0):
+            with self.lock:
+                serving_now = list(self.endpoints.items())
+            for key, endpoint in serving_now:
+                self._count(key, endpoint)
+            with self.lock:
+                self.bar.n = min(self.total, sum(self.episodes.values()))
+            if self.ckpt is not None:
+                self.bar.set_postfix_str(f"newest version {latest_name(self.ckpt)}", refresh=False)
+            self.bar.refresh()
+
+
+def teach(
+    servers: Servers, label: str, episodes: Path, tasks: tuple[str, ...], count: int, seed: int,
+    robots: int,
+) -> dict:  # fmt: skip
     def one(env_id: str) -> dict:
-        with serving(env_id, "--record", str(episodes / f"oracle-{short(env_id)}")) as (
-            endpoint,
-            _,
-        ):
+        record = str(episodes / f"oracle-{short(env_id)}")
+        with servers.serve(label, env_id, "--record", record) as endpoint:
             return run_robots(endpoint, env_id, count, seed=seed, robots=robots)
 
     return per_task(one, tasks)
 
 
-def take_over(ckpt: Path, episodes: Path, tasks: tuple[str, ...], s: Settings) -> dict:
+def take_over(
+    servers: Servers, ckpt: Path, episodes: Path, tasks: tuple[str, ...], s: Settings
+) -> dict:
     def one(env_id: str) -> dict:
         args = [
             "--backend", "policy", "--model", str(ckpt), "--teacher", "oracle",
             "--escalate-below", str(s.escalate_below), "--reload-every-s", "1",
             "--record", str(episodes / f"dagger-{short(env_id)}"),
         ]  # fmt: skip
-        with serving(env_id, *args) as (endpoint, _):
+        with servers.serve("take-over", env_id, *args) as endpoint:
             return run_robots(endpoint, env_id, s.dagger, seed=DAGGER_SEED, robots=s.robots)
 
     return per_task(one, tasks)
 
 
-def evaluate(backend: list[str], tasks: tuple[str, ...], s: Settings) -> dict:
+def evaluate(
+    servers: Servers, label: str, backend: list[str], tasks: tuple[str, ...], s: Settings
+) -> dict:
     def one(env_id: str) -> dict:
-        with serving(env_id, *backend) as (endpoint, _):
+        with servers.serve(label, env_id, *backend) as endpoint:
             return run_robots(endpoint, env_id, s.eval_seeds, seed=EVAL_SEED, robots=s.robots)
 
     return per_task(one, tasks)
@@ -204,6 +281,21 @@ def edge(model: Path, tasks: tuple[str, ...], s: Settings) -> dict:
         return run([sys.executable, "-c", code], timeout_s=1800, what=f"the edge robot on {env_id}")
 
     return per_task(one, tasks)
+
+
+def wait_for(trainer: subprocess.Popen, ends: float, ckpt: Path) -> str:
+    """The trainer's stdout once it ends, with a bar over what is left of its time budget."""
+    from tqdm import tqdm
+
+    from trainer.checkpoint import latest_name
+
+    total = max(1, round(ends - time.monotonic()))
+    with tqdm(total=total, unit="s", leave=False, file=sys.stdout, disable=None) as bar:
+        while trainer.poll() is None and time.monotonic() < ends + 300:
+            bar.n = min(total, total - round(ends - time.monotonic()))
+            bar.set_postfix_str(f"training, newest version {latest_name(ckpt)}")
+            time.sleep(1)
+    return trainer.communicate(timeout=300)[0]
 
 
 def mean(values: list[float]) -> float:
@@ -314,9 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         with Stage(
             1, "teach", f"the oracle records {s.teach} episodes of each of {len(tasks)} tasks"
         ) as st:
-            first = teach(episodes, tasks, s.first_teach, 0, s.robots)
+            with Servers(logs, s.first_teach * len(tasks)) as servers:
+                first = teach(servers, "teach", episodes, tasks, s.first_teach, 0, s.robots)
             print(
-                f"   {s.first_teach} per task recorded; the trainer starts, the oracle keeps teaching",
+                f"   {s.first_teach} per task recorded; the trainer starts, the oracle keeps teaching"
+                f" (server and trainer logs: {logs})",
                 flush=True,
             )
             cmd = trainer_command(
@@ -325,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
                 "--min-episodes", str(s.first_teach * len(tasks)), "--json", "--quiet",
             )  # fmt: skip
             trainer = start(cmd, log=None, stdout=subprocess.PIPE, stderr=trainer_log, text=True)
-            rest = teach(episodes, tasks, s.teach - s.first_teach, s.first_teach, s.robots)
+            trainer_ends = time.monotonic() + 60 * s.train_minutes
+            more = s.teach - s.first_teach
+            with Servers(logs, more * len(tasks), ckpt) as servers:
+                rest = teach(servers, "teach-more", episodes, tasks, more, s.first_teach, s.robots)
             recorded = sum(r["episodes"] for r in first.values()) + sum(
                 r["episodes"] for r in rest.values()
             )
@@ -355,15 +452,15 @@ def main(argv: list[str] | None = None) -> int:
             "take over",
             "the runtime serves the student; the oracle labels and steps in when unsure",
         ) as st:
-            dagger = take_over(ckpt, episodes, tasks, s)
+            with Servers(logs, s.dagger * len(tasks), ckpt) as servers:
+                dagger = take_over(servers, ckpt, episodes, tasks, s)
             versions = sorted({v for r in dagger.values() for v in r["model_versions"]})
             decisions = sum(r["decisions"] for r in dagger.values())
             escalated = sum(r["escalation_rate"] * r["decisions"] for r in dagger.values())
             print(
-                f"   served versions {versions}; waiting for the trainer's time budget to end",
-                flush=True,
+                f"   served versions {versions}; the trainer goes on to its time budget", flush=True
             )
-            summary = last_json(trainer.communicate(timeout=60 * s.train_minutes + 300)[0])
+            summary = last_json(wait_for(trainer, trainer_ends, ckpt))
             if trainer.returncode != 0:
                 raise RuntimeError(f"the trainer failed (log: {logs / 'trainer.log'})")
             trainer = None
@@ -379,8 +476,10 @@ def main(argv: list[str] | None = None) -> int:
             "evaluate",
             f"student alone vs oracle on the same {s.eval_seeds} held-out seeds per task",
         ) as st:
-            student = evaluate(["--backend", "policy", "--model", str(ckpt)], tasks, s)
-            oracle = evaluate(["--backend", "oracle"], tasks, s)
+            with Servers(logs, 2 * s.eval_seeds * len(tasks)) as servers:
+                policy = ["--backend", "policy", "--model", str(ckpt)]
+                student = evaluate(servers, "evaluate-student", policy, tasks, s)
+                oracle = evaluate(servers, "evaluate-oracle", ["--backend", "oracle"], tasks, s)
             chance = random_success(tasks, s)
             st.done(
                 f"student {success_map(student)['mean']:.3f}, oracle {success_map(oracle)['mean']:.3f}, "
@@ -442,8 +541,10 @@ def report_all(
             f"{n:<10} {o[n]:>7.2f} {st[n]:>8.2f} {e[n]:>6.2f} {student[t]['decisions']:>10} {esc[n]:>10.1%}"
         )
     print(f"{'mean':<10} {o['mean']:>7.2f} {st['mean']:>8.2f} {e['mean']:>6.2f}")
+    served = sorted({v for r in dagger.values() for v in r["model_versions"]})
     print(
         f"versions published {summary['versions_published']} (latest {latest_name(ckpt)}), "
+        f"{len(served)} served while the student took over, "
         f"ShadowSync rounds {summary['sync_stats']['rounds']}, "
         f"student decision p50 through the runtime {torch_ms:.2f} ms, on the edge (ONNX, in process) {edge_ms:.2f} ms"
     )
@@ -458,6 +559,7 @@ def report_all(
         "student_vs_oracle": st["mean"] / o["mean"] if o["mean"] else None,
         "episodes_recorded": recorded + sum(r["episodes"] for r in dagger.values()),
         "versions_published": summary["versions_published"],
+        "versions_served": served,
         "escalation_rate": sum(r["escalation_rate"] * r["decisions"] for r in dagger.values())
         / max(1, decisions),
         "shadowsync_rounds": summary["sync_stats"]["rounds"],

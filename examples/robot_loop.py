@@ -149,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-ms", type=int, default=30_000, help="per decision")
     parser.add_argument("--deadline-s", type=float, default=1800, help="give up after this long")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar on stderr (default: when stderr is a terminal)",
+    )
     parser.add_argument("--robot-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--robot-episodes", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--robot-offset", type=int, default=0, help=argparse.SUPPRESS)
@@ -175,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     running = set(range(len(procs)))
     deadline = time.monotonic() + args.deadline_s
     try:  # robots never outlive this script (deadline, Ctrl-C, a crash)
-        with tqdm(total=args.episodes, unit="episode", file=sys.stderr, leave=False) as bar:
+        bar_off = None if args.progress is None else not args.progress
+        with tqdm(
+            total=args.episodes, unit="episode", file=sys.stderr, leave=False, disable=bar_off
+        ) as bar:
             while running and time.monotonic() < deadline:
                 try:
                     event = out.get(timeout=TICK_S)

@@ -22,10 +22,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,18 +207,34 @@ def _export_graph(model: Any, featuriser: Featuriser, path: Path) -> str:
     args = tuple(torch.from_numpy(example[k]) for k in featuriser.input_names)
     batch = torch.export.Dim("batch", min=1, max=4096)
     outputs = ["scores", "action"] if featuriser.config.action_dim else ["scores"]
-    torch.onnx.export(
-        graph,
-        args,
-        str(path),
-        input_names=list(featuriser.input_names),
-        output_names=outputs,
-        dynamic_shapes=tuple({0: batch} for _ in args),
-        dynamo=True,
-        external_data=False,
-        verbose=False,
-    )
+    # The exporter warns about what does not concern this graph (torchvision ops it
+    # cannot register, a deprecated pytree spelling, one batch Dim shared by every input).
+    with _quiet("torch.onnx._internal.exporter._registration"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", (FutureWarning, UserWarning))
+        torch.onnx.export(
+            graph,
+            args,
+            str(path),
+            input_names=list(featuriser.input_names),
+            output_names=outputs,
+            dynamic_shapes=tuple({0: batch} for _ in args),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
     return f"torch.onnx.export(dynamo=True), torch {torch.__version__}"
+
+
+@contextlib.contextmanager
+def _quiet(name: str | None) -> Iterator[None]:
+    """Only errors from the logger `name` (None: the root logger) inside the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _add_metadata(path: Path, meta: dict[str, str]) -> None:
@@ -293,6 +313,9 @@ def latency_ms(session: Any, arrays: dict[str, np.ndarray], repeats: int = 50) -
     return 1e3 * float(np.median(times[5:]))
 
 
+QUANTISED_OPS = ["Conv", "MatMul", "Gemm"]
+
+
 def quantize(
     fp32: str | Path, out: str | Path, calibration: dict[str, np.ndarray]
 ) -> dict[str, Any]:
@@ -304,16 +327,21 @@ def quantize(
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as work:
         prepared, raw = Path(work) / "prepared.onnx", Path(work) / "int8.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(raw),
-            _Calibration(calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        with _quiet(None):  # per weight: "axis 1 out of range" where 1-D weights go per-tensor
+            quantize_static(
+                str(prepared),
+                str(raw),
+                _Calibration(calibration),
+                quant_format=QuantFormat.QDQ,
+                # The weights' ops only: quantising every op (attention softmaxes, the
+                # spatial-softmax keypoints, layer norms) agreed with fp32 on 39% of
+                # recorded observations; Conv/MatMul/Gemm alone on all of them.
+                op_types_to_quantize=QUANTISED_OPS,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
         _add_metadata(raw, _metadata_of(Path(fp32)))
         full, small = _session(Path(fp32)), _session(raw)
         agreement = float(

@@ -47,3 +47,4 @@ def test_the_quick_demo_runs_every_stage(tmp_path):
     for name in ("learning_curve.png", "contact_sheet.png", "policy.onnx"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "ckpt" / "LATEST").exists() and list((tmp_path / "episodes").iterdir())
+    assert (tmp_path / "logs" / "take-over-Stack.log").read_text().count("[serve]") >= 1

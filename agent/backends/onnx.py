@@ -53,7 +53,8 @@ class OnnxBackend(Backend):
         loaded = self._load(key)
         if loaded is None:
             raise BackendError(f"cannot serve {model}: {self.refused.get(str(key), 'not found')}")
-        self.current, self.current_key = loaded, key
+        self.current = loaded
+        self._offered = key  # the newest file handed to the reloader (its thread)
 
     def _file(self) -> Path:
         if self.source.is_dir():
@@ -99,15 +100,16 @@ class OnnxBackend(Backend):
 
     def load_version(self) -> Any | None:
         key = self._key()
-        if key is None or key == self.current_key or str(key) in self.refused:
-            return None
+        if key is None or key == self._offered or str(key) in self.refused:
+            return None  # nothing new (a loaded file may still wait for its swap)
         runner = self._load(key)
         if runner is None:
             raise BackendError(f"{key[0]} refused: {self.refused[str(key)]}")
-        return runner, key
+        self._offered = key
+        return runner
 
     def swap(self, loaded: Any) -> None:
-        self.current, self.current_key = loaded
+        self.current = loaded
 
     def decide(self, batch: Sequence[Observation]) -> list[Decision]:
         self.counters["batches"] += 1

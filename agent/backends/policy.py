@@ -83,6 +83,7 @@ class PolicyBackend(Backend):
         if loaded is None:
             raise BackendError(f"cannot serve {model}: {self.refused[self._pointer()]}")
         self.current = loaded
+        self._offered = loaded.name  # the newest version handed to the reloader (its thread)
 
     # ------------------------------------------------------------------ versions
 
@@ -142,11 +143,12 @@ class PolicyBackend(Backend):
         if not self.follow:
             return None
         name = self._pointer()
-        if name in ("?", self.current.name) or name in self.refused:
-            return None
+        if name in ("?", self._offered) or name in self.refused:
+            return None  # nothing new (a loaded version may still wait for its swap)
         loaded = self._load(self.root)
         if loaded is None:
             raise BackendError(f"version {name} refused: {self.refused[name]}")
+        self._offered = loaded.name
         return loaded
 
     def swap(self, loaded: Loaded) -> None:
