@@ -131,6 +131,17 @@ def main(argv: list[str] | None = None) -> int:
             speed["ort_int8"]["batch1_ms"] * 1.5 <= speed["ort_fp32"]["batch1_ms"]
         )
         goals["int8_success_within_2_points"] = mean["ort_int8"] >= mean["ort_fp32"] - 0.02
+        if not goals["int8_1.5x_faster_than_fp32"]:
+            why["int8_speed"] = (
+                f"int8 is {speed['ort_fp32']['batch1_ms'] / speed['ort_int8']['batch1_ms']:.2f}x "
+                f"fp32's batch-1 speed ({speed['ort_int8']['batch1_ms']:.3f} ms vs "
+                f"{speed['ort_fp32']['batch1_ms']:.3f} ms), "
+                f"{speed['ort_fp32']['batch16_ms'] / speed['ort_int8']['batch16_ms']:.2f}x at batch 16"
+            )
+        if not goals["int8_success_within_2_points"]:
+            why["int8_success"] = (
+                f"int8 mean success {mean['ort_int8']:.3f} vs fp32 {mean['ort_fp32']:.3f}"
+            )
     else:  # the export's gate refused the int8 model
         goals["int8_1.5x_faster_than_fp32"] = goals["int8_success_within_2_points"] = False
         why["int8"] = (
@@ -163,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             f"success {mean.get(name, float('nan')):.3f}"
         )
     print("goals: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in goals.items()))
+    for what in why.values():
+        print(f"missed: {what}")
     if args.json:
         print(json.dumps(result), flush=True)
     return 0

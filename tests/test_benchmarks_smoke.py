@@ -118,3 +118,5 @@ def test_edge_benchmark_compares_torch_and_onnx(trained, recorded):
     assert {"torch_eager", "ort_fp32"} <= set(result["speed"])
     assert result["export"]["parity_max_abs_diff"] <= 1e-4
     assert result["success"]["ort_fp32"] == result["success"]["torch_eager"]
+    int8_goals = [v for k, v in result["goals"].items() if k.startswith("int8")]
+    assert len(int8_goals) == 2 and (all(int8_goals) or result["why"])  # a miss says why

@@ -105,6 +105,21 @@ def test_new_versions_are_served_without_a_restart_and_corrupt_ones_never(
     assert bad in stats["backend"]["refused"] and "sha256" in stats["backend"]["refused"][bad]
 
 
+def test_a_loaded_version_is_handed_over_once_even_before_its_swap(trained, tmp_path):
+    """The reloader polls faster than the loop swaps: the same version must not load twice."""
+    root = tmp_path / "ckpt"
+    shutil.copytree(trained, root)
+    backend = load_backend("policy", ENV, str(root))
+    assert backend.load_version() is None  # nothing new yet
+    name = publish_perturbed(root)
+    loaded = backend.load_version()
+    assert loaded is not None and loaded.name == name
+    assert backend.load_version() is None  # still waiting for its swap: not loaded again
+    backend.swap(loaded)
+    assert backend.model_version == name and backend.load_version() is None
+    assert backend.stats()["versions_loaded"] == 2  # the first version and this one
+
+
 def test_swap_at_episode_keeps_each_episode_on_one_version(recorded, trained, tmp_path):
     root = tmp_path / "ckpt"
     shutil.copytree(trained, root)
