@@ -92,17 +92,7 @@ class OnnxPolicyRunner:
 
     def warm_up(self, batch: int = 4) -> None:
         """A blank batch through the graph; EdgeError unless the outputs are finite."""
-        c = self.featuriser.config
-        blank = Observation(
-            "warmup",
-            "warmup",
-            0,
-            "warm up",
-            {c.camera: np.zeros((c.image_size, c.image_size, 3), np.uint8)} if c.camera else {},
-            np.asarray(c.state_mean, np.float32),
-            ["wait", "go"],
-        )
-        scores, actions = self.run(self.featuriser([blank] * batch))
+        scores, actions = self.run(self.featuriser.blank(batch))
         if not np.isfinite(scores[:, :2]).all() or (
             actions is not None and not np.isfinite(actions).all()
         ):

@@ -144,6 +144,20 @@ class Featuriser:
         rows = [self.one(obs) for obs in observations]
         return {name: np.stack([row[name] for row in rows]) for name in self.input_names}
 
+    def blank(self, batch: int) -> dict[str, np.ndarray]:
+        """`batch` rows of a neutral two-option observation: a warm-up input for a new model."""
+        c = self.config
+        blank = Observation(
+            "warmup",
+            "warmup",
+            0,
+            "warm up",
+            {c.camera: np.zeros((c.image_size, c.image_size, 3), np.uint8)} if c.camera else {},
+            np.asarray(c.state_mean, np.float32),
+            ["wait", "go"],
+        )
+        return self([blank] * batch)
+
     @property
     def input_names(self) -> tuple[str, ...]:
         return INPUTS if self.config.camera is not None else INPUTS[1:]

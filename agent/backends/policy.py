@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from agent.backends.base import Backend, BackendError, EnvInfo
 from agent.messages import Decision, Observation
 
@@ -121,17 +119,7 @@ class PolicyBackend(Backend):
         """A blank batch through the model: every score of a real option must be finite."""
         import torch
 
-        c = featuriser.config
-        blank = Observation(
-            "warmup",
-            "warmup",
-            0,
-            "warm up",
-            {c.camera: np.zeros((c.image_size, c.image_size, 3), np.uint8)} if c.camera else {},
-            np.asarray(c.state_mean, np.float32),
-            ["wait", "go"],
-        )
-        arrays = featuriser([blank] * self.options.warmup_batch)
+        arrays = featuriser.blank(self.options.warmup_batch)
         with torch.inference_mode():
             scores, actions = model(**{k: torch.from_numpy(v) for k, v in arrays.items()})
         if not torch.isfinite(scores[:, :2]).all() or (
