@@ -314,25 +314,12 @@ def learning_curve(ckpt: Path, oracle: dict, student: dict, edge_success: dict, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from trainer.metrics import plot_accuracy, save_figure
+
     records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
-    val = [r for r in records if r.get("validation_accuracy") is not None]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(
-        [r["step"] for r in train],
-        [r["train_accuracy"] for r in train],
-        alpha=0.6,
-        label="train accuracy",
-    )
-    left.plot(
-        [r["step"] for r in val],
-        [r["validation_accuracy"] for r in val],
-        "o-",
-        label="held-out accuracy",
-    )
-    for r in val:
-        if r.get("published"):
-            left.axvline(r["step"], color="grey", alpha=0.15)
+    plot_accuracy(left, records)
     twin = left.twinx()
     twin.plot(
         [r["step"] for r in train],
@@ -341,12 +328,6 @@ def learning_curve(ckpt: Path, oracle: dict, student: dict, edge_success: dict, 
         alpha=0.5,
     )
     twin.set_ylabel("training samples on rank 0 (episodes keep arriving)", color="tab:green")
-    left.set(
-        xlabel="training step (grey: a published version)",
-        ylabel="decision accuracy",
-        ylim=(0, 1.02),
-    )
-    left.legend(loc="lower right")
     names = [k for k in oracle if k != "mean"]
     xs = range(len(names))
     for i, (label, values) in enumerate(
@@ -358,11 +339,7 @@ def learning_curve(ckpt: Path, oracle: dict, student: dict, edge_success: dict, 
     right.set_xticks(list(xs), names)
     right.set(ylabel="success on held-out seeds", ylim=(0, 1.05), title="closed loop, same seeds")
     right.legend(loc="lower right")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def contact_sheet(ckpt: Path, tasks: tuple[str, ...], path: Path) -> None:

@@ -12,7 +12,6 @@ and `TensorrtExecutionProvider` where onnxruntime-gpu offers them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,14 +32,6 @@ META_OUTPUTS = "embodied_agent.outputs"
 
 class EdgeError(RuntimeError):
     """An ONNX file that cannot be run as a student (not ours, bad metadata, bad outputs)."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class OnnxPolicyRunner:

@@ -58,35 +58,43 @@ class Metrics:
         import matplotlib.pyplot as plt
 
         train = [r for r in self.records if "loss" in r]
-        val = [r for r in self.records if r.get("validation_accuracy") is not None]
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
         left.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:red")
         left.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
-        right.plot(
-            [r["step"] for r in train],
-            [r["train_accuracy"] for r in train],
-            label="train",
-            alpha=0.6,
-        )
-        right.plot(
-            [r["step"] for r in val],
-            [r["validation_accuracy"] for r in val],
-            "o-",
-            label="held-out",
-        )
-        for r in val:
-            if r.get("published"):
-                right.axvline(r["step"], color="grey", alpha=0.2)
-        right.set(xlabel="step", ylabel="decision accuracy", ylim=(0, 1.02), title="accuracy")
-        right.legend(loc="lower right")
-        fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
-        os.replace(tmp, path)
+        plot_accuracy(right, self.records)
+        right.set(title="accuracy")
+        save_figure(fig, path)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def plot_accuracy(ax: Any, records: list[dict[str, Any]]) -> None:
+    """Train and held-out decision accuracy of metrics records against steps; grey: published."""
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if r.get("validation_accuracy") is not None]
+    ax.plot(
+        [r["step"] for r in train], [r["train_accuracy"] for r in train], alpha=0.6, label="train"
+    )
+    ax.plot(
+        [r["step"] for r in val], [r["validation_accuracy"] for r in val], "o-", label="held-out"
+    )
+    for r in val:
+        if r.get("published"):
+            ax.axvline(r["step"], color="grey", alpha=0.2)
+    ax.set(xlabel="step (grey: a published version)", ylabel="decision accuracy", ylim=(0, 1.02))
+    ax.legend(loc="lower right")
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically (temp file, rename), then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
