@@ -11,6 +11,7 @@ Generic (knows nothing about robots). Public API:
 Horovod is imported only when a synchroniser starts.
 """
 
+from shadowsync.comm import SyncTimeout
 from shadowsync.foreground import ForegroundSync
 from shadowsync.hogwild import Hogwild, HogwildStats
 from shadowsync.rules import ALGORITHMS, make_rule
@@ -24,5 +25,6 @@ __all__ = [
     "HogwildStats",
     "ShadowSync",
     "SyncStats",
+    "SyncTimeout",
     "make_rule",
 ]

@@ -37,11 +37,13 @@ def run_round(
     stop: bool = False,
     poll_interval: float = 0.001,
     guard: AbstractContextManager | None = None,
+    timeout_s: float | None = None,
 ) -> RoundResult:
     """Snapshot, exchange and apply one round of `rule`; returns whether all ranks stop now.
 
     `guard` (a lock) is held while the replica is read and while the delta is
     added, never during the allreduce, so a caller holding it sees whole rounds.
+    `timeout_s` bounds the wait for the other ranks (`comm.SyncTimeout`).
     """
     guard = guard or contextlib.nullcontext()
     round_started = time.perf_counter()
@@ -53,7 +55,7 @@ def run_round(
     )
     payload = torch.cat([contribution, flag])
     started = time.perf_counter()
-    total = comm.allreduce_sum(payload, name=name, poll_interval=poll_interval)
+    total = comm.allreduce_sum(payload, name, poll_interval, timeout_s)
     comm_seconds = time.perf_counter() - started
     last = bool(total[-1].item() > 0)
     delta = rule.incoming(snapshot, total[:-1], n, last=last)
@@ -68,15 +70,21 @@ def run_round(
     )
 
 
-def replicate(params: Sequence[torch.Tensor], name: str, root: int = 0) -> torch.Tensor:
+def replicate(
+    params: Sequence[torch.Tensor], name: str, root: int = 0, timeout_s: float | None = None
+) -> torch.Tensor:
     """Make every replica equal to rank `root`'s; returns the shared flat weights."""
-    flat = comm.broadcast(flatten(params), name=name, root=root)
+    flat = comm.broadcast(flatten(params), name, root, timeout_s)
     copy_flat_(params, flat)
     return flat
 
 
 def agree_on_start(
-    params: Sequence[torch.Tensor], name: str, n: int, broadcast: bool
+    params: Sequence[torch.Tensor],
+    name: str,
+    n: int,
+    broadcast: bool,
+    timeout_s: float | None = None,
 ) -> torch.Tensor:
     """The shared starting point for a rule's state, identical on every rank.
 
@@ -84,18 +92,22 @@ def agree_on_start(
     otherwise the replicas stay as they are and the rule starts from their mean.
     """
     if broadcast:
-        return replicate(params, name)
-    return mean_replica(params, name, n)
+        return replicate(params, name, timeout_s=timeout_s)
+    return mean_replica(params, name, n, timeout_s)
 
 
-def mean_replica(params: Sequence[torch.Tensor], name: str, n: int) -> torch.Tensor:
+def mean_replica(
+    params: Sequence[torch.Tensor], name: str, n: int, timeout_s: float | None = None
+) -> torch.Tensor:
     """The mean of all replicas as a flat vector (blocking; the replicas are untouched)."""
-    return comm.allreduce_sum(flatten(params), name=name) / n
+    return comm.allreduce_sum(flatten(params), name, timeout_s=timeout_s) / n
 
 
-def average(params: Sequence[torch.Tensor], name: str, n: int) -> None:
+def average(
+    params: Sequence[torch.Tensor], name: str, n: int, timeout_s: float | None = None
+) -> None:
     """Blocking consensus: every replica becomes the mean of all replicas."""
-    copy_flat_(params, mean_replica(params, name, n))
+    copy_flat_(params, mean_replica(params, name, n, timeout_s))
 
 
 def parameters_of(model: torch.nn.Module | Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -40,7 +40,12 @@ class ShadowSync:
     least time between round starts (0: back to back, as in the paper);
     `min_iterations` holds a round until local workers have `tick`ed that
     many iterations since the previous one, so idle rounds neither waste
-    bandwidth nor replay BMUF's block momentum on unchanged weights. `name`
+    bandwidth nor replay BMUF's block momentum on unchanged weights.
+    `timeout_s` bounds every wait for the other ranks: a round that another
+    rank never joins (its shadow thread died, it hung) fails this rank's
+    shadow thread with `SyncTimeout` after that long, so `running` turns
+    False, `error` says why and `stop()` raises, instead of waiting forever
+    (None: wait forever; a rank that dies outright fails the others at once). `name`
     prefixes every collective this object issues; give each ShadowSync alive
     at the same time its own name. On exit the shadow threads of all ranks stop
     on the same round and, with `final_average`, the replicas are averaged so
@@ -58,10 +63,13 @@ class ShadowSync:
         final_average: bool = True,
         poll_interval: float = 0.001,
         min_iterations: int = 0,
+        timeout_s: float | None = 60.0,
         **options: Any,
     ) -> None:
         if interval < 0 or poll_interval <= 0 or min_iterations < 0:
             raise ValueError("need interval >= 0, poll_interval > 0 and min_iterations >= 0")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 (or None), got {timeout_s}")
         self.params = parameters_of(model)
         self.rule = make_rule(algorithm, **options)
         self.name = name
@@ -70,6 +78,7 @@ class ShadowSync:
         self.final_average = final_average
         self.poll_interval = poll_interval
         self.min_iterations = min_iterations
+        self.timeout_s = timeout_s
         self._stats = SyncStats(algorithm=algorithm)
         self._size = 0
         self._lock = threading.Lock()
@@ -85,7 +94,9 @@ class ShadowSync:
         if self._thread is not None:
             raise RuntimeError("ShadowSync already started")
         self._size = comm.world_size()
-        start = agree_on_start(self.params, f"{self.name}.init", self._size, self.broadcast)
+        start = agree_on_start(
+            self.params, f"{self.name}.init", self._size, self.broadcast, self.timeout_s
+        )
         self.rule.start(start, self._size)
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-shadow", daemon=True)
         self._thread.start()
@@ -101,9 +112,11 @@ class ShadowSync:
         self._thread.join()
         self._stopped = True
         if self._error is not None:
-            raise RuntimeError(f"shadow thread {self.name!r} failed") from self._error
+            raise RuntimeError(
+                f"shadow thread {self.name!r} failed: {self._error}"
+            ) from self._error
         if self.final_average:
-            average(self.params, f"{self.name}.final", self._size)
+            average(self.params, f"{self.name}.final", self._size, self.timeout_s)
         return self.stats
 
     def __enter__(self) -> ShadowSync:
@@ -137,6 +150,11 @@ class ShadowSync:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def error(self) -> BaseException | None:
+        """Why the shadow thread stopped, if it failed (e.g. `SyncTimeout`)."""
+        return self._error
+
+    @property
     def stats(self) -> SyncStats:
         with self._lock:
             return replace(self._stats)
@@ -157,6 +175,7 @@ class ShadowSync:
                     stop=self._stop.is_set(),
                     poll_interval=self.poll_interval,
                     guard=self._weights,
+                    timeout_s=self.timeout_s,
                 )
                 with self._lock:
                     self._stats.count_round(result)

@@ -101,3 +101,19 @@ def test_exclusive_blocks_hold_rounds_off_the_weights(records):
         assert ex["held"] == [mine, mine]  # untouched while held
         assert ex["rounds_during"] <= 1  # at most the round that was waiting on the lock
         assert ex["after"][0] == pytest.approx(15.0) and ex["after"][1] == pytest.approx(15.0)
+
+
+@pytest.mark.horovod
+def test_a_dead_shadow_thread_stops_the_other_rank_within_the_timeout(tmp_path):
+    """Rank 1's shadow thread dies mid-run; rank 0 gets SyncTimeout after ~timeout_s, not a hang."""
+    from conftest import horovodrun
+
+    horovodrun(2, MP / "shadowsync_dead_peer.py", str(tmp_path), timeout=120)
+    alive, dead = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert dead["error_type"] == "ThreadKilled" and not dead["still_running"]
+    assert alive["error_type"] == "SyncTimeout", alive
+    assert "did not complete within 3 s" in alive["error"] and not alive["still_running"]
+    waited = alive["stopped_at"] - dead["thread_died_at"]
+    # rank 0 may already be waiting on the round rank 1 never joins when it dies, so slightly
+    # under the bound; above it, scheduling slack on 2 busy cores
+    assert 2.5 <= waited < 3.0 + 10.0, waited

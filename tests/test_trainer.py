@@ -242,6 +242,63 @@ def test_follow_learns_from_episodes_written_while_it_runs(recorded, tmp_path):
     assert ckpt.read_version(out).name == summary["latest"]
 
 
+def rank_pids(root: int) -> dict[int, int]:
+    """HOROVOD_RANK -> pid of the trainer ranks that descend from process `root`."""
+    parents, ranks = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    for pid in parents:
+        ancestor = pid
+        while ancestor not in (root, 0, 1) and ancestor in parents:
+            ancestor = parents[ancestor]
+        if ancestor != root:
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        rank = [e for e in env if e.startswith(b"HOROVOD_RANK=")]
+        if rank and b"\0-m\0trainer\0" in cmdline and b"horovodrun" not in cmdline:
+            ranks[int(rank[0].split(b"=")[1])] = pid
+    return ranks
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("sync", ["ma", "allreduce"])
+def test_a_hung_rank_stops_a_following_trainer_with_an_error_within_the_timeout(
+    recorded, tmp_path, sync
+):
+    """`--follow` never ends by itself; a rank that hangs (SIGSTOP) must end the job, not hang it."""
+    timeout_s = 5.0
+    cmd = trainer_command(
+        2, "--episodes", str(recorded), "--out", str(tmp_path / "ckpt"), "--follow",
+        "--sync", sync, "--sync-timeout-s", str(timeout_s), "--publish-every-s", "2",
+        "--width", "32", "--quiet",
+    )  # fmt: skip
+    proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: ckpt.latest_name(tmp_path / "ckpt") is not None, 180)
+        pids = rank_pids(proc.pid)
+        assert set(pids) == {0, 1}, pids
+        os.kill(pids[1], signal.SIGSTOP)
+        hung_at = time.monotonic()
+        assert wait_for(lambda: not Path(f"/proc/{pids[0]}").exists(), 90), "rank 0 hangs"
+        waited = time.monotonic() - hung_at
+        os.kill(pids[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        stop(proc, timeout_s=5)
+    assert proc.returncode != 0
+    assert "rank 0: stopped, the job lost a rank" in out or "rank 0: no training step" in out, out
+    assert waited < timeout_s + 30, waited  # the bound plus polling and scheduling slack
+
+
 def wait_for(condition, timeout_s):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

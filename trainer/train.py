@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.25,
         help="least time between ShadowSync rounds (rounds also wait for a training step)",
     )
+    p.add_argument(
+        "--sync-timeout-s",
+        type=float,
+        default=120.0,
+        help="stop with an error when other ranks do not join a collective for this long",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
@@ -68,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "keep", "min_episodes", "image_size", "width"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.sync_timeout_s > 0:
+        p.error("--sync-timeout-s must be > 0")
     return args
 
 
@@ -76,11 +84,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass
 class Ranks:
-    """This process's place in the job; Horovod only when horovodrun started us."""
+    """This process's place in the job; Horovod only when horovodrun started us.
+
+    With `timeout_s` set (once training runs; setting up can take long on one
+    rank, fitting the featuriser), every collective here gives up after that
+    long (`SyncTimeout`): a rank that stopped or hung must stop the others with
+    an error, never hang them.
+    """
 
     rank: int = 0
     size: int = 1
     hvd: Any = None
+    timeout_s: float | None = None
 
     @classmethod
     def start(cls) -> Ranks:
@@ -92,15 +107,15 @@ class Ranks:
         return cls(hvd.rank(), hvd.size(), hvd)
 
     def sum(self, values: list[float], name: str) -> list[float]:
-        """Element-wise sum over ranks (a blocking allreduce; identity on one process)."""
+        """Element-wise sum over ranks (identity on one process)."""
         if self.hvd is None:
             return values
         import torch
 
-        total = self.hvd.allreduce(
-            torch.tensor(values, dtype=torch.float64), op=self.hvd.Sum, name=name
-        )
-        return total.tolist()
+        from shadowsync.comm import allreduce_sum
+
+        tensor = torch.tensor(values, dtype=torch.float64)
+        return allreduce_sum(tensor, name, 0.001, self.timeout_s).tolist()
 
     def gather_text(self, text: str, name: str) -> list[str]:
         """Every rank's ASCII `text` of the same length (e.g. a digest), in rank order."""
@@ -108,8 +123,10 @@ class Ranks:
             return [text]
         import torch
 
+        from shadowsync.comm import allgather
+
         row = torch.from_numpy(np.frombuffer(text.encode(), np.uint8).copy())[None]
-        gathered = self.hvd.allgather(row, name=name).numpy()
+        gathered = allgather(row, name, self.timeout_s).numpy()
         return [bytes(r).decode() for r in gathered]
 
     def broadcast_text(self, text: str, name: str) -> str:
@@ -118,12 +135,55 @@ class Ranks:
             return text
         import torch
 
+        from shadowsync.comm import broadcast
+
         data = np.frombuffer(text.encode(), np.uint8) if self.rank == 0 else np.zeros(0, np.uint8)
-        n = int(self.hvd.broadcast(torch.tensor([data.size]), 0, name=f"{name}.n").item())
+        n = int(broadcast(torch.tensor([data.size]), f"{name}.n", 0, self.timeout_s).item())
         buf = torch.zeros(n, dtype=torch.uint8)
         if self.rank == 0:
             buf[:] = torch.from_numpy(data.copy())
-        return bytes(self.hvd.broadcast(buf, 0, name=f"{name}.data").numpy()).decode()
+        return bytes(broadcast(buf, f"{name}.data", 0, self.timeout_s).numpy()).decode()
+
+    def failures(self) -> tuple[type[BaseException], ...]:
+        """What collectives raise when the job has lost a rank."""
+        from shadowsync.comm import SyncTimeout
+
+        if self.hvd is None:
+            return (SyncTimeout,)
+        from horovod.common.exceptions import HorovodInternalError
+
+        return (SyncTimeout, HorovodInternalError)
+
+
+class Watchdog:
+    """Ends this rank with an error when the training loop makes no step for `timeout_s`.
+
+    For loops whose collectives block inside Horovod (`--sync allreduce`'s
+    gradient allreduce), where no wait can be given a deadline.
+    """
+
+    def __init__(self, ranks: Ranks, timeout_s: float) -> None:
+        self.ranks, self.timeout_s = ranks, timeout_s
+        self._beat = time.monotonic()
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, name="trainer-watchdog", daemon=True).start()
+
+    def beat(self) -> None:
+        self._beat = time.monotonic()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self.timeout_s / 4)):
+            if time.monotonic() - self._beat > self.timeout_s:
+                print(
+                    f"[trainer] rank {self.ranks.rank}: no training step for "
+                    f"{self.timeout_s:g} s (another rank stopped or hung); exiting",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
 
 
 def say(ranks: Ranks, message: str) -> None:
@@ -210,6 +270,21 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtra as exc:
         print(f"trainer: {exc}", file=sys.stderr)
         return 2
+    ranks = Ranks.start()
+    try:
+        return train(args, ranks)
+    except ranks.failures() as exc:  # never hang the job: every rank leaves with this
+        print(
+            f"[trainer] rank {ranks.rank}: stopped, the job lost a rank: "
+            f"{type(exc).__name__}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(1)  # Horovod's exit handler would wait on the collective that never completes
+
+
+def train(args: argparse.Namespace, ranks: Ranks) -> int:
     import torch
 
     from trainer import checkpoint as ckpt
@@ -218,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.metrics import Metrics
     from trainer.model import ModelConfig, Student, parameter_count
 
-    ranks = Ranks.start()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // ranks.size))
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed + 1000 * ranks.rank)
@@ -307,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             name="trainer.shadow",
             interval=args.sync_interval_s,
             min_iterations=1,  # no round without local progress (BMUF must not replay momentum)
+            timeout_s=args.sync_timeout_s,
         ).start()
     elif ranks.hvd is not None:
         ranks.hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # "none": same start only
@@ -317,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         f"parameters · {ranks.size} rank(s), sync {args.sync if ranks.size > 1 else 'n/a'}",
     )
 
-    # -- the loop
+    # -- the loop (from here on no rank waits for another longer than --sync-timeout-s)
+    ranks.timeout_s = args.sync_timeout_s
     metrics = Metrics(args.out, enabled=ranks.rank == 0)
     if ranks.rank == 0:
         ckpt.remove_stale_tmp(args.out)
@@ -342,8 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     # step with allreduce (a rank that left would hang the others' next gradient
     # allreduce), every 50 steps without synchronisation.
     agree_every = 1 if args.sync == "allreduce" else 50
+    watchdog = Watchdog(ranks, args.sync_timeout_s) if ranks.hvd and sync is None else None
     reason = ""
     while True:
+        if watchdog is not None:
+            watchdog.beat()
         reason = _stop_reason(args, step, started, stop, sync)
         if ranks.hvd is not None and sync is None:
             at_limit = args.max_steps is not None and step >= args.max_steps
@@ -406,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             publisher.consider(snapshot, model_config, step, data, final=False)
 
     # -- the end: every rank leaves the loop, replicas are averaged, rank 0 publishes last
+    if watchdog is not None:
+        watchdog.stop()
     if bar is not None:
         bar.close()
     stop.set()
@@ -461,6 +542,8 @@ def _stop_reason(
     if args.max_minutes is not None and time.monotonic() - started >= 60 * args.max_minutes:
         return "max minutes"
     if sync is not None and not sync.running:
+        if sync.error is not None:  # a rank hung or died: stop with its error, not a result
+            raise sync.error
         return "another rank stopped"
     return ""
 
