@@ -9,6 +9,7 @@ can call it on the server with the `sim` dict a simulated robot sent.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,9 @@ from envs import skills, tasks
 
 ABOVE_TOL = 0.012
 REQUIRED_KEYS = frozenset({"ee", "gripper", "held", "objects", "goal"})
+MAX_OBJECTS = 32
+MAX_COORDINATE = 1e3  # metres; anything beyond is not a tabletop scene
+_NAME = re.compile(r"[a-z0-9][a-z0-9 _-]{0,47}")
 
 
 @dataclass
@@ -34,7 +38,7 @@ class OracleDecision:
 
 def decide(privileged: Mapping[str, Any], options: Sequence[str]) -> OracleDecision:
     """Pick the next skill from `options` (or just the action when `options` is empty)."""
-    _check(privileged)
+    check_privileged(privileged)
     skill, rationale = next_skill(privileged)
     action, _ = skills.skill_action(skills.parse_skill(skill), privileged)
     if not options:
@@ -49,17 +53,62 @@ def decide(privileged: Mapping[str, Any], options: Sequence[str]) -> OracleDecis
     )
 
 
-def _check(priv: Mapping[str, Any]) -> None:
-    """Clear errors for a malformed `sim` dict instead of a KeyError deep inside."""
+def check_privileged(priv: Any) -> None:
+    """Refuse a malformed privileged state with a clear ValueError, before any maths on it.
+
+    The dict crosses the wire from a robot (`Observation.sim`), so every key,
+    kind, shape, number and name the oracle reads is checked here; the
+    messages name the field, never echo the value.
+    """
     if not isinstance(priv, Mapping):
-        raise ValueError(f"privileged state must be a dict, got {type(priv).__name__}")
-    missing = REQUIRED_KEYS - set(priv)
+        raise ValueError(f"privileged state must be a map, got {type(priv).__name__}")
+    missing = REQUIRED_KEYS - set(k for k in priv if isinstance(k, str))
     if missing:
         raise ValueError(f"privileged state lacks {sorted(missing)} (is it from a tabletop env?)")
-    names = set(priv["objects"])
-    unknown = {n for pair in priv["goal"]["pairs"] for n in pair} - names
-    if unknown:
-        raise ValueError(f"goal names objects {sorted(unknown)} not in the scene {sorted(names)}")
+    _vector(priv["ee"], "sim.ee")
+    _number(priv["gripper"], "sim.gripper")
+    objects = priv["objects"]
+    if not isinstance(objects, Mapping) or not 0 < len(objects) <= MAX_OBJECTS:
+        raise ValueError(f"sim.objects must be a map of 1..{MAX_OBJECTS} objects")
+    for name, obj in objects.items():
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError("sim.objects keys must be short lowercase names like 'red cube'")
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"sim.objects[{name!r}] must be a map")
+        kind = obj.get("kind")
+        if not isinstance(kind, str) or kind not in tasks.HALF_SIZE:
+            raise ValueError(f"sim.objects[{name!r}].kind must be one of {sorted(tasks.HALF_SIZE)}")
+        _vector(obj.get("pos"), f"sim.objects[{name!r}].pos")
+        _number(obj.get("half"), f"sim.objects[{name!r}].half")
+    held = priv["held"]
+    if held is not None and not (isinstance(held, str) and (held == "" or held in objects)):
+        raise ValueError("sim.held must be empty or the name of an object in sim.objects")
+    goal = priv["goal"]
+    pairs = goal.get("pairs") if isinstance(goal, Mapping) else None
+    if not isinstance(pairs, list) or len(pairs) > MAX_OBJECTS:
+        raise ValueError(f"sim.goal must be a map with a list of <= {MAX_OBJECTS} pairs")
+    for pair in pairs:
+        if not (
+            isinstance(pair, list | tuple)
+            and len(pair) == 2
+            and all(isinstance(n, str) and n in objects for n in pair)
+        ):
+            raise ValueError("sim.goal.pairs must be [object, destination] names of sim.objects")
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__}")
+    if not abs(value) <= MAX_COORDINATE:  # also refuses NaN
+        raise ValueError(f"{what} must be finite and within +-{MAX_COORDINATE}")
+    return float(value)
+
+
+def _vector(value: Any, what: str) -> None:
+    if not isinstance(value, list | tuple | np.ndarray) or len(value) != 3:
+        raise ValueError(f"{what} must be 3 numbers (x, y, z)")
+    for v in value:
+        _number(v.item() if isinstance(v, np.generic) else v, what)
 
 
 def next_skill(priv: Mapping[str, Any]) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from runtime_fixtures import ROOT, free_port, serve_subprocess, stop_process, wa
 import envs
 from agent.backends import BackendError, EnvInfo, load_backend
 from agent.backends.base import parse_options
-from agent.backends.cosmos import CosmosOptions
+from agent.backends.cosmos import CosmosOptions, remember_frame
 from agent.backends.tiny_vlm import save_tiny_vlm
 from agent.backends.vlm_loading import has_video_support
 from agent.client import AgentClient
@@ -261,6 +261,17 @@ def test_bad_checkpoints_are_clear_errors(checkpoints, tmp_path):
 def test_video_frames_without_torchvision_is_a_clear_error(checkpoints):
     with pytest.raises(BackendError, match="torchvision"):
         load_backend("cosmos", ENV, str(checkpoints["r1"]), frames="4")
+
+
+def test_a_retried_step_replaces_its_video_frame_instead_of_adding_it_twice():
+    frame = {s: np.full((2, 2, 3), s, np.uint8) for s in range(6)}
+    history: dict = {}
+    for step in (0, 1, 2, 2, 3):  # step 2 is retried
+        history, video = remember_frame(history, step, frame[step], 3)
+    assert [int(f[0, 0, 0]) for f in video] == [1, 2, 3]
+    assert sorted(history) == [1, 2, 3]
+    history, video = remember_frame(history, 2, frame[2], 3)  # a late retry of step 2
+    assert [int(f[0, 0, 0]) for f in video] == [1, 2]
 
 
 # ---------------------------------------------------------------- through the runtime

@@ -162,7 +162,8 @@ class Featuriser:
     def input_names(self) -> tuple[str, ...]:
         return INPUTS if self.config.camera is not None else INPUTS[1:]
 
-    def one(self, obs: Observation) -> dict[str, np.ndarray]:
+    def check(self, obs: Observation) -> None:
+        """ValueError for an observation the student cannot take (cheap: nothing is computed)."""
         c = self.config
         if obs.state is None or np.shape(obs.state) != (c.state_dim,):
             got = None if obs.state is None else np.shape(obs.state)
@@ -171,6 +172,14 @@ class Featuriser:
             raise ValueError(
                 f"the student takes at most {c.max_options} options, got {len(obs.options)}"
             )
+        if c.camera is not None and c.camera not in obs.images:
+            raise ValueError(
+                f"the student needs camera {c.camera!r}; the observation has {sorted(obs.images)}"
+            )
+
+    def one(self, obs: Observation) -> dict[str, np.ndarray]:
+        self.check(obs)
+        c = self.config
         options = np.zeros((c.max_options, c.max_option_words), np.int64)
         mask = np.zeros(c.max_options, bool)
         for i, option in enumerate(obs.options):
@@ -188,12 +197,7 @@ class Featuriser:
             "history": history,
         }
         if c.camera is not None:
-            image = obs.images.get(c.camera)
-            if image is None:
-                raise ValueError(
-                    f"the student needs camera {c.camera!r}; the observation has {sorted(obs.images)}"
-                )
-            row["image"] = resize_area(image, c.image_size)
+            row["image"] = resize_area(obs.images[c.camera], c.image_size)
         return row
 
 

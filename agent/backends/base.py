@@ -45,6 +45,10 @@ class BackendError(RuntimeError):
     """A backend could not decide (or start); the server turns it into an error reply."""
 
 
+class BadObservation(ValueError):
+    """An observation this backend can never decide (`check`); a `bad_observation` reply."""
+
+
 @dataclass
 class NoOptions:
     """The options of a backend that takes none."""
@@ -124,9 +128,21 @@ class Backend(abc.ABC):
     def model_version(self) -> str:
         return "0"
 
+    def check(self, obs: Observation) -> None:  # noqa: B027 - optional hook
+        """Raise BadObservation for an observation this backend cannot take (cheap).
+
+        The server calls it when a request arrives, before batching, so one
+        robot's bad input never reaches (or fails) a batch of other robots'.
+        """
+
     @abc.abstractmethod
-    def decide(self, batch: Sequence[Observation]) -> list[Decision]:
-        """One decision per observation, in order. May raise BackendError."""
+    def decide(self, batch: Sequence[Observation]) -> list[Decision | BackendError]:
+        """One decision per observation, in order.
+
+        A BackendError in place of a decision answers that robot alone with
+        `backend_error`; raising fails the whole batch (every robot in it gets
+        the error), so reserve it for failures that are not one observation's.
+        """
 
     def warmup(self) -> None:  # noqa: B027 - optional hook
         """Pay one-off costs (compilation, allocation) before the first robot."""

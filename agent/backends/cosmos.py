@@ -15,14 +15,14 @@ compiled). On CPU: float32, dynamic cache, eager.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from agent.backends.base import Backend, BackendError, EnvInfo
+from agent.backends.base import Backend, BackendError, BadObservation, EnvInfo
 from agent.messages import Decision, Observation
 from agent.reasoning import (
     STYLES,
@@ -143,7 +143,7 @@ class CosmosBackend(Backend):
         self.compiled = opts.compile == "on" or (
             opts.compile == "auto" and self.device.startswith("cuda")
         )
-        self._histories: OrderedDict[str, deque[np.ndarray]] = OrderedDict()
+        self._histories: OrderedDict[str, dict[int, np.ndarray]] = OrderedDict()
         # Fills a compiled batch up to its bucket: text only, so padding rows cost no
         # image preprocessing or vision-tower work; their answers are dropped.
         self._filler = self._prompt(Observation("", "", 0, options=["wait"]), remember=False)
@@ -197,7 +197,13 @@ class CosmosBackend(Backend):
 
     # ------------------------------------------------------------------ deciding
 
-    def decide(self, batch: Sequence[Observation]) -> list[Decision]:
+    def check(self, obs: Observation) -> None:
+        try:
+            self._pick_image(obs)
+        except BackendError as exc:
+            raise BadObservation(str(exc)) from None
+
+    def decide(self, batch: Sequence[Observation]) -> list[Decision | BackendError]:
         self.counters["batches"] += 1
         self.counters["max_batch_seen"] = max(self.counters["max_batch_seen"], len(batch))
         decisions: list[Decision | None] = [None] * len(batch)
@@ -265,7 +271,7 @@ class CosmosBackend(Backend):
         )
         image = self._pick_image(obs)
         remember = remember and image is not None and self.options.frames > 1
-        frames = self._frames(f"{obs.robot_id}/{obs.episode_id}", image) if remember else []
+        frames = self._frames(obs, image) if remember else []
         if image is None:
             media, images, video = [], [], None
         elif len(frames) > 1:
@@ -287,14 +293,16 @@ class CosmosBackend(Backend):
         image = obs.images[camera] if camera else next(iter(obs.images.values()))
         return np.ascontiguousarray(image, dtype=np.uint8)
 
-    def _frames(self, key: str, image: np.ndarray) -> list[np.ndarray]:
-        """This episode's last `frames` decision images, oldest first (bounded episode count)."""
-        history = self._histories.pop(key, None) or deque(maxlen=self.options.frames)
-        history.append(image)
+    def _frames(self, obs: Observation, image: np.ndarray) -> list[np.ndarray]:
+        """This episode's video up to `obs.step` (the number of remembered episodes is bounded)."""
+        key = f"{obs.robot_id}/{obs.episode_id}"
+        history, frames = remember_frame(
+            self._histories.pop(key, {}), obs.step, image, self.options.frames
+        )
         self._histories[key] = history
         while len(self._histories) > MAX_EPISODE_HISTORIES:
             self._histories.popitem(last=False)
-        return list(history)
+        return frames
 
     # ------------------------------------------------------------------ generation
 
@@ -411,10 +419,8 @@ class CosmosBackend(Backend):
             from agent.backends import load_backend
 
             self._fallback_backend = load_backend("oracle", self.env)
-        try:
-            return self._fallback_backend.decide([obs])[0]
-        except BackendError:
-            return None
+        decision = self._fallback_backend.decide([obs])[0]
+        return decision if isinstance(decision, Decision) else None
 
     def _first_or_noop(self, obs: Observation, kind: str) -> Decision:
         if kind == "first":
@@ -439,6 +445,18 @@ class _FirstTokenClock:
                 torch.cuda.synchronize()
             self.first = time.perf_counter()
         return scores
+
+
+def remember_frame(
+    history: dict[int, np.ndarray], step: int, image: np.ndarray, n: int
+) -> tuple[dict[int, np.ndarray], list[np.ndarray]]:
+    """Add `step`'s image to an episode's frames: (the last `n` kept, the video up to `step`).
+
+    Keyed by step, so a retried step replaces its frame instead of adding it twice.
+    """
+    history = {**history, step: image}
+    kept = {s: history[s] for s in sorted(history)[-n:]}
+    return kept, [frame for s, frame in kept.items() if s <= step]
 
 
 def _check_video(opts: CosmosOptions) -> None:

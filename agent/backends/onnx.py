@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.backends.base import Backend, BackendError, EnvInfo
+from agent.backends.base import Backend, BackendError, BadObservation, EnvInfo
 from agent.messages import Decision, Observation
 
 
@@ -111,7 +111,13 @@ class OnnxBackend(Backend):
     def swap(self, loaded: Any) -> None:
         self.current = loaded
 
-    def decide(self, batch: Sequence[Observation]) -> list[Decision]:
+    def check(self, obs: Observation) -> None:
+        try:
+            self.current.featuriser.check(obs)
+        except ValueError as exc:
+            raise BadObservation(f"the student cannot take this observation: {exc}") from None
+
+    def decide(self, batch: Sequence[Observation]) -> list[Decision | BackendError]:
         self.counters["batches"] += 1
         self.counters["decisions"] += len(batch)
         try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.backends.base import Backend, BackendError, EnvInfo
+from agent.backends.base import Backend, BackendError, BadObservation, EnvInfo
 from agent.messages import Decision, Observation
 
 MAX_PINNED_EPISODES = 4096
@@ -144,7 +144,13 @@ class PolicyBackend(Backend):
 
     # ------------------------------------------------------------------ deciding
 
-    def decide(self, batch: Sequence[Observation]) -> list[Decision]:
+    def check(self, obs: Observation) -> None:
+        try:
+            self._version_for(obs, pin=False).featuriser.check(obs)
+        except ValueError as exc:
+            raise BadObservation(f"the student cannot take this observation: {exc}") from None
+
+    def decide(self, batch: Sequence[Observation]) -> list[Decision | BackendError]:
         from trainer.student import decide
 
         self.counters["batches"] += 1
@@ -165,10 +171,12 @@ class PolicyBackend(Backend):
                 decisions[i] = decision
         return [d for d in decisions if d is not None]
 
-    def _version_for(self, obs: Observation) -> Loaded:
+    def _version_for(self, obs: Observation, pin: bool = True) -> Loaded:
         if self.options.swap_at != "episode":
             return self.current
         pinned = self._pinned.get(obs.episode_id)
+        if pinned is None and not pin:
+            return self.current
         if pinned is None:
             pinned = self._pinned[obs.episode_id] = self.current
             while len(self._pinned) > MAX_PINNED_EPISODES:

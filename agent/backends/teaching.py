@@ -72,6 +72,7 @@ class Teaching(Backend):
             "escalated": 0,
             "teacher_calls": 0,
             "teacher_decisions": 0,
+            "teacher_failed": 0,
         }
 
     @property
@@ -92,22 +93,33 @@ class Teaching(Backend):
     def swap(self, loaded: Any) -> None:
         self.student.swap(loaded)
 
-    def decide(self, batch: Sequence[Observation]) -> list[Decision]:
+    def check(self, obs: Observation) -> None:
+        self.student.check(obs)
+        self.teacher.check(obs)
+
+    def decide(self, batch: Sequence[Observation]) -> list[Decision | BackendError]:
         decisions = self.student.decide(batch)
         teacher_name = self.teacher.name
         for d in decisions:
-            d.decided_by = d.decided_by or self.student.name
+            if isinstance(d, Decision):
+                d.decided_by = d.decided_by or self.student.name
         mixed = [
             self.beta > 0 and draw(self.seed, o.robot_id, o.episode_id, o.step) < self.beta
             for o in batch
         ]
         unsure = [
             self.escalate_below is not None
+            and isinstance(d, Decision)
             and d.confidence is not None
             and d.confidence < self.escalate_below
             for d in decisions
         ]
-        ask = [i for i in range(len(batch)) if self.label == "every" or mixed[i] or unsure[i]]
+        ask = [
+            i
+            for i in range(len(batch))
+            if isinstance(decisions[i], Decision)
+            and (self.label == "every" or mixed[i] or unsure[i])
+        ]
         if ask:
             self.counters["teacher_calls"] += 1
             taught = self.teacher.decide([batch[i] for i in ask])
@@ -115,8 +127,14 @@ class Teaching(Backend):
                 raise BackendError(f"the teacher returned {len(taught)} decisions for {len(ask)}")
             self.counters["teacher_decisions"] += len(ask)
             for i, t in zip(ask, taught, strict=True):
-                t.decided_by = t.decided_by or teacher_name
                 student = decisions[i]
+                assert isinstance(student, Decision)
+                if isinstance(t, BackendError):  # no label for this step
+                    self.counters["teacher_failed"] += 1
+                    if mixed[i] or unsure[i]:  # the teacher was to act and cannot
+                        decisions[i] = BackendError(f"the teacher could not decide: {t}")
+                    continue
+                t.decided_by = t.decided_by or teacher_name
                 label = TeacherLabel(t, self.teacher.model_id)
                 if mixed[i] or unsure[i]:
                     acted = Decision(
