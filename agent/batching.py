@@ -19,6 +19,7 @@ own, so a slow backend batches naturally under load.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 UNKNOWN_COST = float("inf")
@@ -75,19 +76,22 @@ class CallCost:
 
 
 class RobotActivity:
-    """Robots seen recently, i.e. those whose next request is worth waiting for."""
+    """Robots seen recently, i.e. those whose next request is worth waiting for.
+
+    Kept oldest-first, so forgetting quiet robots only looks at the ones to forget.
+    """
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
-        self._last_seen: dict[str, float] = {}
+        self._last_seen: OrderedDict[str, float] = OrderedDict()
 
     def seen(self, robot_id: str, now: float | None = None) -> None:
         self._last_seen[robot_id] = time.monotonic() if now is None else now
+        self._last_seen.move_to_end(robot_id)
 
     def active(self, now: float | None = None) -> int:
-        now = time.monotonic() if now is None else now
-        horizon = now - self.window_s
-        stale = [r for r, t in self._last_seen.items() if t < horizon]
-        for robot in stale:
-            del self._last_seen[robot]
-        return len(self._last_seen)
+        horizon = (time.monotonic() if now is None else now) - self.window_s
+        last_seen = self._last_seen
+        while last_seen and next(iter(last_seen.values())) < horizon:
+            last_seen.popitem(last=False)
+        return len(last_seen)

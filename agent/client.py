@@ -97,6 +97,7 @@ class AgentClient:
             sock.curve_secretkey = self.curve.secret
         sock.connect(self.endpoint)
         self._socket = sock
+        self._rcvtimeo = -1  # ZeroMQ's default: block
 
     def reconnect(self) -> None:
         """Drop the socket (and any reply still on its way) and connect a new one."""
@@ -161,17 +162,30 @@ class AgentClient:
         )
 
     def _await(self, request_id: int, sent: float) -> Reply | None:
+        """The reply to `request_id`, or None at the deadline.
+
+        A blocking receive with ZeroMQ's own timeout (RCVTIMEO): one call into
+        ZeroMQ per reply, where a poll and a receive would be two.
+        """
         deadline = sent + self.timeout_ms / 1000.0
-        assert self._socket is not None
-        while (left := deadline - time.perf_counter()) > 0:
-            if not self._socket.poll(max(1, int(left * 1000)), zmq.POLLIN):
-                continue
-            reply = P.parse_reply(self._socket.recv(copy=False).buffer)
+        sock = self._socket
+        assert sock is not None
+        wait_ms = self.timeout_ms
+        while wait_ms > 0:
+            if wait_ms != self._rcvtimeo:
+                sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._rcvtimeo = wait_ms
+            try:
+                frame = sock.recv(copy=False)
+            except zmq.Again:
+                return None
+            reply = P.parse_reply(frame.buffer)
             if reply.request_id == request_id:
-                if isinstance(reply, ErrorReply):
+                if type(reply) is ErrorReply:
                     raise ServerError(reply.code or "?", reply.message or "")
                 return reply
             self.stale_replies += 1  # a late answer to an earlier, timed-out request
+            wait_ms = int(1000 * (deadline - time.perf_counter()))
         return None
 
     def hello(self) -> dict[str, Any]:

@@ -34,12 +34,19 @@ from agent.client import AgentClient, AgentTimeout, ServerError
 log = logging.getLogger(__name__)
 
 
-def _flatten(obs: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+MAX_DEPTH = 8  # openpi observations are flat or one level of "observation/..." maps
+
+
+def _flatten(obs: dict[str, Any], prefix: str = "", depth: int = 0) -> dict[str, Any]:
+    if depth >= MAX_DEPTH:
+        raise P.ProtocolError(
+            P.BAD_REQUEST, f"observation maps may be nested at most {MAX_DEPTH} deep"
+        )
     flat: dict[str, Any] = {}
     for key, value in obs.items():
-        name = f"{prefix}{key}"
+        name = f"{prefix}{key}" if isinstance(key, str) else f"{prefix}{P.brief(key, 32)}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}/"))
+            flat.update(_flatten(value, f"{name}/", depth + 1))
         else:
             flat[name] = value
     return flat
@@ -67,10 +74,14 @@ def openpi_observation(obs: Any) -> dict[str, Any]:
             state = np.ascontiguousarray(value, dtype=np.float32).ravel()
     options = obs.get("options") or []
     prompt = obs.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise P.ProtocolError(
+            P.BAD_REQUEST, f"prompt must be a string, got {type(prompt).__name__}"
+        )
     return {
         "images": images,
         "state": state,
-        "instruction": prompt if isinstance(prompt, str) else str(prompt),
+        "instruction": prompt,
         "options": options if isinstance(options, list) else [],
         "sim": obs.get("sim"),
     }
@@ -143,7 +154,12 @@ class OpenpiGateway:
                     fields = openpi_observation(P.unpackb(frame))
                     reply = client.decide(episode_id=episode_id, step=step, **fields)
                 except (P.ProtocolError, ServerError, AgentTimeout, ValueError) as exc:
-                    connection.send(f"Error in inference server: {exc}")
+                    connection.send(f"Error in inference server: {exc}"[: P.MAX_ERROR_TEXT])
+                    continue
+                except Exception as exc:  # never close a robot's connection over its input
+                    log.exception("openpi front door: could not handle an observation")
+                    text = f"Error in inference server: internal error ({type(exc).__name__})"
+                    connection.send(text)
                     continue
                 step += 1
                 connection.send(P.packb(self._action(reply, prev_total_ms)))

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 class EpisodeEnd:
     """How an episode finished."""
 
-    reason: str  # "end" (robot said so), "idle_timeout", "shutdown", "too_long"
+    reason: str  # "end" (robot said so), "idle_timeout", "disconnected", "shutdown", "too_long"
     terminated: bool = False
     truncated: bool = True
     success: bool | None = None
@@ -54,6 +55,7 @@ class EpisodeBuffer:
     last_step: int | None = None
     seed: int | None = None
     task: str | None = None
+    peer: bytes | None = None  # the connection (ROUTER routing id) that last sent for it
 
     def history(self, step: int) -> list[str]:
         """Skills answered before `step`, oldest first (a retried step sees the same history)."""
@@ -63,10 +65,16 @@ class EpisodeBuffer:
         return len(self.steps)
 
 
+OnRecorded = Callable[[EpisodeBuffer, bool], None]
+
+
 class EpisodeWriter:
     """Writes finished episodes in a background thread so the decision loop never blocks on disk.
 
-    `submit` is cheap and thread-safe; `close` writes everything submitted, then returns.
+    `submit` is cheap and thread-safe; its `on_recorded(episode, True)` is
+    called on the writer thread once the file is durable (fsynced and renamed
+    into place), `on_recorded(episode, False)` if writing failed. `close`
+    writes everything submitted, then returns.
     """
 
     def __init__(self, directory: str | Path, extra_metadata: dict[str, Any] | None = None) -> None:
@@ -74,19 +82,26 @@ class EpisodeWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(self.directory)
         self._extra = dict(extra_metadata or {})
-        self._queue: queue.Queue[tuple[EpisodeBuffer, EpisodeEnd] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[EpisodeBuffer, EpisodeEnd, OnRecorded | None] | None] = (
+            queue.Queue()
+        )
         self.written = 0  # episodes written so far
         self.failures = 0
         self._thread = threading.Thread(target=self._run, name="episode-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, buf: EpisodeBuffer, end: EpisodeEnd) -> None:
-        if len(buf):
-            self._queue.put((buf, end))
+    def submit(
+        self, buf: EpisodeBuffer, end: EpisodeEnd, on_recorded: OnRecorded | None = None
+    ) -> bool:
+        """Queue `buf` for writing; False (and no callback) when it has no steps to write."""
+        if not len(buf):
+            return False
+        self._queue.put((buf, end, on_recorded))
+        return True
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            buf, end = item
+            buf, end, on_recorded = item
             try:
                 steps = [buf.steps[s] for s in sorted(buf.steps)]
                 write_atomically(
@@ -94,15 +109,27 @@ class EpisodeWriter:
                     free_path(self.directory, buf.episode_id),
                 )
                 self.written += 1
+                ok = True
             except Exception:
                 self.failures += 1
+                ok = False
                 log.exception("could not record episode %s", buf.episode_id)
+            if on_recorded is not None:
+                on_recorded(buf, ok)
+
+    def finish(self) -> None:
+        """Ask the thread to stop once everything submitted so far is written (non-blocking)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+
+    @property
+    def busy(self) -> bool:
+        return self._thread.is_alive()
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Flush every submitted episode and stop the thread."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout)
+        self.finish()
+        self._thread.join(timeout)
 
 
 def summary(buf: EpisodeBuffer, end: EpisodeEnd, extra: dict[str, Any]) -> dict[str, Any]:
@@ -133,22 +160,45 @@ class EpisodeBook:
         writer: EpisodeWriter | None,
         idle_timeout_s: float,
         max_steps: int = 10_000,
+        disconnect_grace_s: float = 5.0,
     ) -> None:
         self.env_id = env_id
         self.writer = writer
         self.idle_timeout_s = idle_timeout_s
         self.max_steps = max_steps
+        self.disconnect_grace_s = disconnect_grace_s
         self._open: dict[str, EpisodeBuffer] = {}
         self._last_seen: dict[str, float] = {}
+        self._orphaned: dict[str, float] = {}  # episode -> when to close it (its robot left)
         self.closed = 0
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def history(self, obs: Observation) -> list[str]:
-        """The skills this server answered earlier in `obs`'s episode, oldest first."""
+    def history(self, obs: Observation, peer: bytes | None = None) -> list[str]:
+        """The skills this server answered earlier in `obs`'s episode, oldest first.
+
+        Called when the request arrives: the episode's robot is alive, on `peer`.
+        """
         ep = self._open.get(obs.episode_id)
-        return [] if ep is None else ep.history(obs.step)
+        if ep is None:
+            return []
+        self._orphaned.pop(obs.episode_id, None)
+        if peer is not None:
+            ep.peer = peer
+        return ep.history(obs.step)
+
+    def disconnected(self, peer: bytes, now: float | None = None) -> int:
+        """`peer`'s connection closed: close its episodes unless it comes back within the grace.
+
+        A robot whose client reconnects (after a timeout, say) sends the next
+        step of the same episode from a new connection and keeps it open.
+        """
+        at = (time.monotonic() if now is None else now) + self.disconnect_grace_s
+        left = [eid for eid, ep in self._open.items() if ep.peer == peer]
+        for eid in left:
+            self._orphaned[eid] = at
+        return len(left)
 
     def record(
         self,
@@ -160,13 +210,14 @@ class EpisodeBook:
         model_version: str,
         seed: int | None = None,
         task: str | None = None,
+        peer: bytes | None = None,
     ) -> None:
         """A decision was sent; `reward` is what the episode's previous decision earned."""
         now = time.monotonic()
         ep = self._open.get(obs.episode_id)
         if ep is None:
             ep = self._open[obs.episode_id] = EpisodeBuffer(
-                obs.episode_id, obs.robot_id, self.env_id
+                obs.episode_id, obs.robot_id, self.env_id, peer=peer
             )
         self._last_seen[obs.episode_id] = now
         ep.decisions += 1
@@ -188,31 +239,39 @@ class EpisodeBook:
         if (len(ep.steps) if self.writer is not None else ep.decisions) >= self.max_steps:
             self._close(obs.episode_id, EpisodeEnd("too_long"))
 
-    def end(self, msg: EndEpisode) -> int:
-        """The robot finished an episode; returns how many decisions it had here."""
+    def end(self, msg: EndEpisode, on_recorded: OnRecorded | None = None) -> tuple[int, bool]:
+        """The robot finished an episode: (its decisions here, whether it was sent to the writer).
+
+        When it was, `on_recorded` is called (on the writer's thread) once it is on disk.
+        """
         ep = self._open.get(msg.episode_id)
         if ep is None:
-            return 0
+            return 0, False
         if ep.last_step is not None and msg.reward is not None and ep.last_step in ep.steps:
             ep.steps[ep.last_step].reward = msg.reward
-        self._close(msg.episode_id, EpisodeEnd("end", msg.terminated, msg.truncated, msg.success))
-        return ep.decisions
+        end = EpisodeEnd("end", msg.terminated, msg.truncated, msg.success)
+        return ep.decisions, self._close(msg.episode_id, end, on_recorded)
 
     def expire_idle(self, now: float | None = None) -> int:
-        """Close, as truncated, episodes whose robot went quiet (disconnected or crashed)."""
+        """Close, as truncated, episodes whose robot went quiet or whose connection closed."""
         now = time.monotonic() if now is None else now
         idle = [eid for eid, t in self._last_seen.items() if now - t > self.idle_timeout_s]
         for eid in idle:
             self._close(eid, EpisodeEnd("idle_timeout"))
-        return len(idle)
+        gone = [eid for eid, t in self._orphaned.items() if now >= t]
+        for eid in gone:
+            self._close(eid, EpisodeEnd("disconnected"))
+        return len(idle) + len(gone)
 
     def close_all(self, reason: str = "shutdown") -> None:
         for eid in list(self._open):
             self._close(eid, EpisodeEnd(reason))
 
-    def _close(self, episode_id: str, end: EpisodeEnd) -> None:
+    def _close(
+        self, episode_id: str, end: EpisodeEnd, on_recorded: OnRecorded | None = None
+    ) -> bool:
         ep = self._open.pop(episode_id)
         del self._last_seen[episode_id]
+        self._orphaned.pop(episode_id, None)
         self.closed += 1
-        if self.writer is not None:
-            self.writer.submit(ep, end)
+        return self.writer is not None and self.writer.submit(ep, end, on_recorded)

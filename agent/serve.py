@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import signal
 import sys
@@ -30,7 +31,31 @@ def _report_periodically(server: Server, every_s: float, done: threading.Event) 
             )
 
 
+def tune_allocator(mmap_threshold: int = 4 << 20, trim_threshold: int = 32 << 20) -> bool:
+    """Set glibc's allocator for a server that receives large messages all day.
+
+    By default glibc moves its thresholds as blocks come and go: after one huge
+    message (refused) later ones land on the heap and the server's memory stays
+    at the peak, while 150 kB images freed at the top of the heap are given
+    back and faulted in again on every request (page faults and zeroing: 40%
+    of the decision loop's CPU in `benchmarks/transport.py`). Fixed thresholds
+    give every block over `mmap_threshold` its own mapping, unmapped when
+    freed, and keep up to `trim_threshold` of freed heap for the next
+    requests. False where the C library has no `mallopt`.
+    """
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(
+            libc.mallopt(m_mmap_threshold, mmap_threshold)
+            and libc.mallopt(m_trim_threshold, trim_threshold)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
 def serve(args: argparse.Namespace) -> int:
+    tune_allocator()
     try:
         env = describe_env(args.env)
     except ValueError as exc:

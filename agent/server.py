@@ -11,7 +11,9 @@ model versions are loaded on a reloader thread and swapped in between batches.
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -19,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from agent import protocol as P
-from agent.backends.base import Backend, BackendError
+from agent.backends.base import Backend, BackendError, BadObservation
 from agent.batching import BatchPolicy, CallCost, RobotActivity
 from agent.envspec import EnvDescription, ObservationSpec
 from agent.messages import (
@@ -37,9 +40,10 @@ from agent.messages import (
     Request,
     StatsReply,
 )
-from agent.recording import EpisodeBook, EpisodeWriter
+from agent.recording import EpisodeBook, EpisodeBuffer, EpisodeWriter
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+WRITER_FLUSH_S = 60.0  # on shutdown, wait this long at most for recordings to be written
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +58,8 @@ class ServerConfig:
     record_dir: Path | None = None
     curve_dir: Path | None = None
     reload_every_s: float | None = None  # None: the backend's own default (if it has versions)
+    disconnect_grace_s: float = 5.0  # a robot's episodes close this long after its connection
+    shutdown_grace_s: float = 0.5  # answer `shutting_down` this long after the last flush
 
     def __post_init__(self) -> None:
         """Refuse settings that would make the server useless (e.g. drop every message)."""
@@ -69,6 +75,8 @@ class ServerConfig:
             raise ValueError(f"max episode steps must be >= 1, got {self.max_episode_steps}")
         if self.reload_every_s is not None and not self.reload_every_s > 0:
             raise ValueError(f"reload interval must be > 0 s, got {self.reload_every_s}")
+        if self.disconnect_grace_s < 0 or self.shutdown_grace_s < 0:
+            raise ValueError("disconnect and shutdown graces must be >= 0 s")
 
 
 @dataclass
@@ -142,13 +150,24 @@ class Server:
             else None
         )
         self.episodes = EpisodeBook(
-            self.env_id, self.writer, config.episode_timeout_s, config.max_episode_steps
+            self.env_id,
+            self.writer,
+            config.episode_timeout_s,
+            config.max_episode_steps,
+            min(config.disconnect_grace_s, config.episode_timeout_s),
         )
         self._env_metadata = dict(env.metadata) if env else {"env_id": self.env_id}
         self._stop = threading.Event()
         self._context = zmq.Context()
         self._auth: Any = None
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None  # connection events of the ROUTER
+        self._peers: dict[int, bytes] = {}  # socket fd -> routing id of the robot on it
+        # "ended" replies whose episode the writer thread has made durable (it appends),
+        # and how many such writes are still under way (the loop looks often meanwhile)
+        self._acks: collections.deque[tuple[list[bytes], bytes]] = collections.deque()
+        self._writes = 0
+        self._rcvtimeo: int | None = None
         self.endpoint: str | None = None
         self._started = time.monotonic()
         self.counters = {
@@ -160,6 +179,7 @@ class Server:
             "busy_s": 0.0,
             "backend_s": 0.0,
             "backend_cpu_s": 0.0,
+            "refused_messages": 0,  # over the size limit or a malformed envelope
         }
         self._loop_clock: int | None = None  # CPU-time clock of the loop thread
         self._loop_cpu_at_start = 0.0
@@ -180,6 +200,7 @@ class Server:
             if self.config.curve_dir is not None:
                 self._enable_curve(sock, Path(self.config.curve_dir))
             sock.bind(self.config.bind)
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         except BaseException:
             sock.close(linger=0)
             raise
@@ -208,8 +229,14 @@ class Server:
         """Release everything of a server whose `run()` never started (e.g. bind failed)."""
         if self.writer is not None:
             self.writer.close()
+        self._close_sockets(linger=0)
+
+    def _close_sockets(self, linger: int) -> None:
+        if self._monitor is not None and self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
         if self._socket is not None:
-            self._socket.close(linger=0)
+            self._socket.close(linger=linger)
         if self._auth is not None:
             self._auth.stop()
         self._context.term()
@@ -236,6 +263,7 @@ class Server:
             "requests": c["requests"],
             "decisions": c["decisions"],
             "errors": c["errors"],
+            "refused_messages": c["refused_messages"],
             "batches": c["batches"],
             "max_batch_seen": c["max_batch_seen"],
             "mean_batch": c["decisions"] / max(1, c["batches"]),
@@ -277,10 +305,17 @@ class Server:
                 if waiting:
                     age = time.perf_counter() - waiting[0].received
                     timeout_ms = self.policy.wait_s(age, self.call_cost.seconds) * 1000.0
+                elif self._writes:  # an `ended` reply waits for the writer: look often
+                    timeout_ms = 2.0
                 else:
                     timeout_ms = 100.0
-                if sock.poll(timeout_ms, zmq.POLLIN):
-                    self._drain(sock, waiting)
+                frames = self._receive(sock, timeout_ms)
+                if frames is not None:
+                    self._handle(sock, frames, waiting)
+                    if len(waiting) < self.activity.active():  # others may be queued too
+                        self._drain(sock, waiting)
+                if self._acks:
+                    self._send_acks(sock)
                 while waiting and self.policy.should_flush(
                     len(waiting),
                     time.perf_counter() - waiting[0].received,
@@ -294,57 +329,163 @@ class Server:
                 now = time.monotonic()
                 if now >= housekeeping:
                     housekeeping = now + 0.25
+                    self._peer_events()
                     self.episodes.expire_idle(now)
         finally:
             self._shutdown(sock, waiting)
+
+    def _receive(self, sock: zmq.Socket, timeout_ms: float) -> list | None:
+        """The next message, waiting at most `timeout_ms`; None if there is none.
+
+        A blocking receive with ZeroMQ's own timeout: the loop's only wait, and
+        the fewest calls into ZeroMQ (each costs system calls) per request.
+        """
+        wait = max(1, math.ceil(timeout_ms)) if timeout_ms > 0 else 0
+        if wait != self._rcvtimeo:
+            sock.setsockopt(zmq.RCVTIMEO, wait)
+            self._rcvtimeo = wait
+        try:
+            return _recv(sock)
+        except zmq.Again:
+            return None
 
     def _drain(self, sock: zmq.Socket, waiting: list[_Waiting]) -> None:
         """Receive every message already queued (bounded), answering all but decide requests."""
         for _ in range(4 * self.policy.max_batch):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = _recv(sock, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            start = time.perf_counter()
-            self._handle(sock, frames, waiting, start)
-            self.counters["busy_s"] += time.perf_counter() - start
+            self._handle(sock, frames, waiting)
 
-    def _handle(
+    def _envelope(self, sock: zmq.Socket, frames: list) -> list[bytes] | None:
+        """The reply envelope of a well-formed message; refuse (answer or drop) anything else.
+
+        A robot's message is its routing id (added by ZeroMQ) and one frame
+        from a DEALER, or an empty delimiter and one frame from a REQ. ZeroMQ's
+        size limit is per frame, so a message of more frames could be many
+        times the limit: it is refused whole, answered (if at all) on its
+        routing id alone, and none of its frames is echoed.
+        """
+        n = len(frames)
+        if n == 2:
+            return [frames[0].bytes]
+        if n == 3 and len(frames[1]) == 0:
+            return [frames[0].bytes, b""]
+        self.counters["requests"] += 1
+        self.counters["refused_messages"] += 1
+        if n < 2 or len(frames[0]) > 255:
+            return None  # not a routable peer message: nothing to answer
+        total = sum(len(f) for f in frames)
+        limit = self.config.max_message_bytes
+        if total > limit:
+            code = P.TOO_LARGE
+            text = f"message of {n - 1} frames and {total} bytes is over the limit of {limit} bytes"
+        else:
+            code = P.BAD_MESSAGE
+            text = f"a message is one frame, or an empty frame and one frame; got {n - 1} frames"
+        _send(sock, [frames[0].bytes], self._error_reply(frames[-1].buffer, code, text))
+        return None
+
+    def _handle(self, sock: zmq.Socket, frames: list, waiting: list[_Waiting]) -> None:
+        start = time.perf_counter()
+        self._handle_message(sock, frames, waiting, start)
+        self.counters["busy_s"] += time.perf_counter() - start
+
+    def _handle_message(
         self, sock: zmq.Socket, frames: list, waiting: list[_Waiting], start: float
     ) -> None:
+        envelope = [frames[0].bytes] if len(frames) == 2 else self._envelope(sock, frames)
+        if envelope is None:
+            return
         self.counters["requests"] += 1
-        envelope = [f.bytes for f in frames[:-1]]
         payload = frames[-1].buffer
         try:
             request = P.parse_request(payload)
             if isinstance(request, DecideRequest):
                 obs = request.observation
                 self.spec.check(obs)
-                obs.history = self.episodes.history(obs)
+                try:
+                    self.backend.check(obs)
+                except BadObservation as exc:
+                    raise P.ProtocolError(P.BAD_OBSERVATION, str(exc)) from None
+                peer, fd = envelope[0], frames[-1].get(_SRCFD)
+                if self._peers.get(fd) != peer:
+                    # A new connection on this fd: a closed one's event (queued before the
+                    # fd could be reused) must apply to the robot that was on it, not this one.
+                    self._peer_events()
+                    self._peers[fd] = peer
+                obs.history = self.episodes.history(obs, peer)
                 self.activity.seen(obs.robot_id)
                 waiting.append(_Waiting(envelope, request, start))
                 return
-            reply = self._answer(request)
+            reply = self._answer(request, envelope)
+            if reply is None:
+                return  # answered when the writer has made the episode durable
         except P.ProtocolError as exc:
             reply = self._error_reply(payload, exc.code, exc.message)
         except Exception as exc:
             log.exception("could not handle a message")
             reply = self._error_reply(payload, P.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-        sock.send_multipart([*envelope, reply])
+        _send(sock, envelope, reply)
 
     def _error_reply(self, payload: memoryview, code: str, message: str) -> bytes:
-        self.counters["errors"] += 1
         rid, eid = P.peek_ids(payload)
-        return P.encode(ErrorReply(rid, eid, code, message))
+        return self._error(rid, eid, code, message)
 
-    def _answer(self, request: Request) -> bytes:
+    def _error(self, rid: int | None, eid: str | None, code: str, message: str) -> bytes:
+        """An error reply; its text is cut to `MAX_ERROR_TEXT` (it may quote robot input)."""
+        self.counters["errors"] += 1
+        return P.encode(ErrorReply(rid, eid, code, message[: P.MAX_ERROR_TEXT]))
+
+    def _answer(self, request: Request, envelope: list[bytes]) -> bytes | None:
         if isinstance(request, Hello):
             return P.encode(HelloReply(request.request_id, self.metadata()))
         if isinstance(request, EndEpisode):
-            steps = self.episodes.end(request)
-            recorded = self.writer is not None and steps > 0
-            return P.encode(EndedReply(request.request_id, request.episode_id, steps, recorded))
+            return self._end(request, envelope)
         return P.encode(StatsReply(request.request_id, self.stats()))
+
+    def _end(self, request: EndEpisode, envelope: list[bytes]) -> bytes | None:
+        """Close the episode; say "recorded" only once its file is on disk.
+
+        With recording on, the reply waits for the writer thread (fsync and
+        rename), which wakes the loop; other robots' decisions go on meanwhile.
+        """
+        rid, eid = request.request_id, request.episode_id
+
+        def on_recorded(episode: EpisodeBuffer, ok: bool) -> None:  # on the writer's thread
+            self._acks.append((envelope, P.encode(EndedReply(rid, eid, episode.decisions, ok))))
+
+        steps, queued = self.episodes.end(request, on_recorded)
+        if queued:
+            self._writes += 1
+            return None
+        return P.encode(EndedReply(rid, eid, steps, False))
+
+    def _send_acks(self, sock: zmq.Socket) -> None:
+        while self._acks:
+            envelope, reply = self._acks.popleft()
+            self._writes -= 1
+            _send(sock, envelope, reply)
+
+    def _peer_events(self) -> None:
+        """Connections that closed: their robots' open episodes close after a short grace.
+
+        Read at housekeeping and when a new connection first speaks, not on every
+        poll: each look at a ZeroMQ socket costs system calls on the hot path.
+        """
+        if self._monitor is None:
+            return
+        now = time.monotonic()
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                peer = self._peers.pop(event["value"], None)
+                if peer is not None:
+                    self.episodes.disconnected(peer, now)
 
     def _decide(self, sock: zmq.Socket, batch: list[_Waiting]) -> None:
         start = time.perf_counter()
@@ -383,34 +524,38 @@ class Server:
                         P.INTERNAL_ERROR, f"backend decision cannot be sent: {exc}"
                     )
             if isinstance(result, P.ProtocolError):
-                c["errors"] += 1
-                reply = P.encode(
-                    ErrorReply(req.request_id, obs.episode_id, result.code, result.message)
-                )
+                reply = self._error(req.request_id, obs.episode_id, result.code, result.message)
             else:
                 c["decisions"] += 1
                 self.episodes.record(
-                    obs, req.reward, result, timing, model_id, version, req.seed, req.task
+                    obs,
+                    req.reward,
+                    result,
+                    timing,
+                    model_id,
+                    version,
+                    req.seed,
+                    req.task,
+                    waiting.envelope[0],
                 )
-            sock.send_multipart([*waiting.envelope, reply])
+            _send(sock, waiting.envelope, reply)
         c["busy_s"] += time.perf_counter() - start
 
     def _call_backend(self, batch: list[Observation]) -> list[Decision | P.ProtocolError]:
-        """Decide a batch; if it fails, decide one by one so only the bad robot gets the error."""
+        """Decide a batch. A BackendError in a decision's place fails that robot only;
+        a backend that raises fails the whole batch (observations were checked on receipt)."""
         try:
             decisions = self.backend.decide(batch)
             if len(decisions) != len(batch):
                 raise BackendError(
                     f"backend returned {len(decisions)} decisions for {len(batch)} observations"
                 )
-            return [_check_decision(o, d) for o, d in zip(batch, decisions, strict=True)]
+        except BackendError as exc:
+            return [P.ProtocolError(P.BACKEND_ERROR, str(exc))] * len(batch)
         except Exception as exc:
-            if len(batch) > 1:
-                return [self._call_backend([obs])[0] for obs in batch]
-            if isinstance(exc, BackendError):
-                return [P.ProtocolError(P.BACKEND_ERROR, str(exc))]
             log.exception("backend %s failed", self.backend.name)
-            return [P.ProtocolError(P.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")]
+            return [P.ProtocolError(P.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")] * len(batch)
+        return [_check_decision(o, d) for o, d in zip(batch, decisions, strict=True)]
 
     def _swap_version(self) -> None:
         """Between batches: serve the newest version the reloader has loaded, if any."""
@@ -426,35 +571,74 @@ class Server:
         log.info("now serving model version %s", self.backend.model_version)
 
     def _shutdown(self, sock: zmq.Socket, waiting: list[_Waiting]) -> None:
-        """Finish queued decisions, refuse what is still arriving, close episodes, flush."""
+        """Finish queued decisions, close episodes, flush recordings and answer their ends;
+        meanwhile, and for `shutdown_grace_s` after, answer new requests `shutting_down`."""
         while waiting:
             batch = waiting[: self.policy.max_batch]
             del waiting[: self.policy.max_batch]
             self._decide(sock, batch)
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            rid, eid = P.peek_ids(frames[-1].buffer)
-            sock.send_multipart(
-                [
-                    *(f.bytes for f in frames[:-1]),
-                    P.encode(ErrorReply(rid, eid, P.SHUTTING_DOWN, "server is shutting down")),
-                ]
-            )
         if self.reloader is not None:
             self.reloader.stop()
         self.episodes.close_all("shutdown")
         if self.writer is not None:
-            self.writer.close()
-        sock.close(linger=1000)
-        if self._auth is not None:
-            self._auth.stop()
-        self._context.term()
+            self.writer.finish()
+        started = time.monotonic()
+        while time.monotonic() - started < self.config.shutdown_grace_s or (
+            self.writer is not None
+            and self.writer.busy
+            and time.monotonic() - started < WRITER_FLUSH_S
+        ):
+            frames = self._receive(sock, 20)
+            if frames is not None:
+                self._refuse(sock, frames)
+                self._refuse_all(sock)
+            self._send_acks(sock)
+        self._send_acks(sock)
+        self._refuse_all(sock)
+        self._close_sockets(linger=1000)
+
+    def _refuse_all(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = _recv(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._refuse(sock, frames)
+
+    def _refuse(self, sock: zmq.Socket, frames: list) -> None:
+        envelope = self._envelope(sock, frames)
+        if envelope is not None:
+            self.counters["requests"] += 1
+            reply = self._error_reply(frames[-1].buffer, P.SHUTTING_DOWN, "server is shutting down")
+            _send(sock, envelope, reply)
 
 
-def _check_decision(obs: Observation, decision: Decision) -> Decision | P.ProtocolError:
+_SRCFD = zmq.SRCFD
+
+
+def _recv(sock: zmq.Socket, flags: int = 0) -> list:
+    """One whole message as frames (pyzmq's recv_multipart asks ZeroMQ more per frame)."""
+    frame = sock.recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(copy=False)
+        frames.append(frame)
+    return frames
+
+
+def _send(sock: zmq.Socket, envelope: list[bytes], reply: bytes) -> None:
+    for part in envelope:
+        sock.send(part, zmq.SNDMORE)
+    sock.send(reply)
+
+
+def _check_decision(obs: Observation, decision: Any) -> Decision | P.ProtocolError:
+    if isinstance(decision, BackendError):
+        return P.ProtocolError(P.BACKEND_ERROR, str(decision))
+    if not isinstance(decision, Decision):
+        return P.ProtocolError(
+            P.BACKEND_ERROR, f"backend returned {type(decision).__name__}, not a decision"
+        )
     if decision.skill_index is not None and not 0 <= decision.skill_index < len(obs.options):
         return P.ProtocolError(
             P.BACKEND_ERROR,

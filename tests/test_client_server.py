@@ -9,30 +9,43 @@ import zmq
 from runtime_fixtures import TEST_ENV, running_server
 
 from agent import protocol as P
-from agent.backends.base import Backend, BackendError
+from agent.backends.base import Backend, BackendError, BadObservation
+from agent.backends.zero import ZeroBackend
 from agent.client import AgentClient, AgentTimeout, ServerError
 from agent.envspec import ObservationSpec
 from agent.messages import DecideRequest, Decision, EndedReply, Hello, HelloReply, Observation
+from agent.server import Server, ServerConfig
 from agent.store import iter_episodes
 
 pytestmark = pytest.mark.timeout(60)
 
 
 class SlowBackend(Backend):
-    """Costs `delay_s` per call whatever the batch size; remembers batch sizes."""
+    """Costs `delay_s` per call whatever the batch size; remembers batch sizes.
+
+    Refuses observations whose instruction is `refuse` on receipt (`check`),
+    and answers those whose instruction is `fail_on` with a BackendError alone.
+    """
 
     name = "slow"
 
-    def __init__(self, env, model=None, delay_s=0.02, fail_on=None):
+    def __init__(self, env, model=None, delay_s=0.02, fail_on=None, refuse=None):
         super().__init__(env, model)
-        self.delay_s, self.fail_on, self.sizes = delay_s, fail_on, []
+        self.delay_s, self.fail_on, self.refuse, self.sizes = delay_s, fail_on, refuse, []
+
+    def check(self, obs):
+        if obs.instruction == self.refuse:
+            raise BadObservation(f"cannot take {self.refuse!r}")
 
     def decide(self, batch):
         self.sizes.append(len(batch))
-        if any(obs.instruction == self.fail_on for obs in batch):
-            raise BackendError(f"cannot decide {self.fail_on!r}")
         time.sleep(self.delay_s)
-        return [Decision(action=np.full(4, obs.step, np.float32)) for obs in batch]
+        return [
+            BackendError(f"cannot decide {self.fail_on!r}")
+            if obs.instruction == self.fail_on
+            else Decision(action=np.full(4, obs.step, np.float32))
+            for obs in batch
+        ]
 
 
 def test_handshake_reports_metadata():
@@ -123,12 +136,23 @@ def test_lone_request_does_not_wait_for_the_batch_window():
     assert all(r.timing["queue_ms"] < 1000 for r in replies)
 
 
-def test_backend_failure_only_hits_the_robot_that_caused_it():
-    backend = SlowBackend(TEST_ENV, delay_s=0.05, fail_on="bad")
+@pytest.mark.parametrize("how", ["refused on receipt", "failed in the batch"])
+def test_backend_failure_only_hits_the_robot_that_caused_it(how):
+    """One bad robot among four: only it gets an error, and no batch is decided twice."""
+    refused = how == "refused on receipt"
+    backend = SlowBackend(
+        TEST_ENV,
+        delay_s=0.05,
+        fail_on=None if refused else "bad",
+        refuse="bad" if refused else None,
+    )
     results = {}
+    go = threading.Barrier(4)
 
     def robot(name, instruction, endpoint):
         with AgentClient(endpoint, timeout_ms=10_000, robot_id=name) as client:
+            client.hello()
+            go.wait(10)
             try:
                 results[name] = client.decide(episode_id=name, step=0, instruction=instruction).step
             except ServerError as exc:
@@ -145,7 +169,9 @@ def test_backend_failure_only_hits_the_robot_that_caused_it():
             t.start()
         for t in threads:
             t.join(30)
-    assert results == {"r0": P.BACKEND_ERROR, "r1": 0, "r2": 0, "r3": 0}
+    bad = P.BAD_OBSERVATION if refused else P.BACKEND_ERROR
+    assert results == {"r0": bad, "r1": 0, "r2": 0, "r3": 0}
+    assert sum(backend.sizes) == (3 if refused else 4)  # nobody's observation decided twice
 
 
 class MalformedDecision(Backend):
@@ -203,6 +229,57 @@ def test_quiet_robot_gets_its_episode_closed_as_truncated(tmp_path):
             time.sleep(0.1)
     (episode,) = list(iter_episodes(tmp_path))
     assert episode.meta["truncated"] is True and episode.meta["end_reason"] == "idle_timeout"
+
+
+def test_a_robot_that_disconnects_gets_its_episode_closed_after_the_grace(tmp_path):
+    with running_server(record_dir=tmp_path, disconnect_grace_s=0.3) as server:
+        with AgentClient(server.endpoint, timeout_ms=5000) as client:
+            client.decide(episode_id="left", step=0)
+            client.decide(episode_id="left", step=1)
+        # the robot crashed: its socket is closed, the 30 s idle timeout is far away
+        deadline = time.monotonic() + 10
+        while server.stats()["recorded_episodes"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.stats()["open_episodes"] == 0
+    (episode,) = list(iter_episodes(tmp_path))
+    assert episode.meta["end_reason"] == "disconnected" and episode.meta["truncated"] is True
+    assert len(episode) == 2
+
+
+def test_a_robot_that_reconnects_within_the_grace_keeps_its_episode(tmp_path):
+    with (
+        running_server(record_dir=tmp_path, disconnect_grace_s=1.0) as server,
+        AgentClient(server.endpoint, timeout_ms=5000) as client,
+    ):
+        client.decide(episode_id="back", step=0)
+        client.reconnect()  # what the client does after a timeout: a new connection
+        client.decide(episode_id="back", step=1)
+        time.sleep(1.5)  # longer than the grace
+        client.decide(episode_id="back", step=2)
+        assert client.end_episode("back", terminated=True).steps == 3
+    (episode,) = list(iter_episodes(tmp_path))
+    assert episode.meta["end_reason"] == "end" and len(episode) == 3
+
+
+def test_requests_that_arrive_while_the_server_stops_are_told_so(tmp_path):
+    server = Server(
+        ZeroBackend(TEST_ENV),
+        ServerConfig(bind="tcp://127.0.0.1:0", record_dir=tmp_path, shutdown_grace_s=3.0),
+    )
+    endpoint = server.bind()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    with AgentClient(endpoint, timeout_ms=5000) as client:
+        client.decide(episode_id="open", step=0)
+        server.stop()
+        time.sleep(0.5)  # the loop has noticed and is flushing
+        with pytest.raises(ServerError) as err:
+            client.decide(episode_id="late", step=0)
+        assert err.value.code == P.SHUTTING_DOWN
+    thread.join(30)
+    assert not thread.is_alive()
+    (episode,) = list(iter_episodes(tmp_path))
+    assert episode.meta["end_reason"] == "shutdown"
 
 
 def test_req_clients_work_too():

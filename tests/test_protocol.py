@@ -181,6 +181,62 @@ def test_decision_reply_round_trip():
     assert reply.decision.teacher is None and reply.latency_ms is None
 
 
+def test_the_decision_reply_carries_every_decision_field_but_the_recorded_ones():
+    """The reply is built field by field for speed; it must keep up with `Decision`."""
+    from dataclasses import fields
+
+    dec = Decision(
+        action=np.zeros(2, np.float32),
+        skill_index=0,
+        skill="a",
+        point=(1.0, 2.0),
+        reasoning="r",
+        decided_by="x",
+        confidence=0.5,
+    )
+    sent = P.unpackb(P.encode(DecisionReply(1, "e", 0, dec, "m", "v", {})))
+    wire = {f.name for f in fields(Decision)} - {"teacher", "model_version"}
+    assert wire == set(P._DECISION_WIRE) and wire <= set(sent)
+    bare = P.unpackb(P.encode(DecisionReply(1, "e", 0, Decision(decided_by="x"), "m", "v", {})))
+    assert set(bare) == {"type", "protocol", "request_id", "episode_id", "step", "decided_by",
+                         "model_id", "model_version", "timing"}  # fmt: skip
+    assert P.parse_reply(P.encode(DecisionReply(1, "e", 0, Decision(), "m", "v", {}))).decision == (
+        Decision()
+    )
+
+
+def plain_msgpack(message: dict) -> bytes:
+    """What msgpack itself makes of a message, arrays as openpi maps (copied the usual way)."""
+    return msgpack.packb(message, default=openpi_pack, use_bin_type=True)
+
+
+def test_large_arrays_are_spliced_in_byte_for_byte_as_msgpack_packs_them():
+    rng = np.random.default_rng(0)
+    images = {
+        "scene": rng.integers(0, 255, (224, 224, 3), dtype=np.uint8),  # spliced (>= 64 kB)
+        "wrist": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8),  # packed inline
+        "side": rng.integers(0, 255, (400, 300, 3), dtype=np.uint8)[:, ::2],  # not contiguous
+    }
+    state = rng.standard_normal(14).astype(np.float32)
+    obs = Observation("r", "e", 2, "go", images, state, ["a"])
+    sent = P.encode(DecideRequest(9, obs))
+    body = P.unpackb(sent)
+    assert sent == plain_msgpack(body)
+    parsed = P.parse_request(sent).observation
+    for name, image in images.items():
+        np.testing.assert_array_equal(parsed.images[name], image)
+
+
+def test_a_message_holding_the_splice_tag_is_packed_plainly():
+    P.packb({})  # make this thread's packer
+    tag = P._local.packer.tag
+    image = np.arange(70_000, dtype=np.uint8)
+    message = {"data": P._array_map(image), "trap": tag + (0).to_bytes(4, "big")}
+    packed = P.packb(message)
+    assert P.unpackb(packed)["trap"] == tag + (0).to_bytes(4, "big")
+    np.testing.assert_array_equal(P.unpackb(packed)["data"], image)
+
+
 def test_every_message_round_trips():
     end = P.parse_request(P.encode(EndEpisode(2, "r", "e", 1.0, True, False, True)))
     assert end == EndEpisode(2, "r", "e", 1.0, True, False, True)

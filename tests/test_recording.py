@@ -1,13 +1,15 @@
 """The server's recording: open episodes to files, rewards in place, SIGKILL and SIGTERM."""
 
+import contextlib
 import signal
+import threading
 import time
 
 import numpy as np
 import pytest
 from runtime_fixtures import free_port, serve_subprocess, stop_process, wait_ready
 
-from agent.client import AgentClient
+from agent.client import AgentClient, AgentTimeout
 from agent.messages import Decision, EndEpisode, Observation, TeacherLabel
 from agent.recording import EpisodeBook, EpisodeWriter
 from agent.store import TMP_DIRNAME, episode_paths, iter_episodes, read_episode
@@ -101,12 +103,17 @@ def run_episode(client, episode_id, steps, end=True):
         client.end_episode(episode_id, reward=1.0, terminated=True, success=True)
 
 
-def test_sigkill_leaves_every_finished_episode_readable(tmp_path):
+def recording_server(directory):
+    """A real `agent serve` recording into `directory` (zero backend): its endpoint and process."""
     port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
     server = serve_subprocess(
-        port, "--env", "Pusher-v5", "--backend", "zero", "--record", str(tmp_path)
+        port, "--env", "Pusher-v5", "--backend", "zero", "--record", str(directory)
     )
+    return f"tcp://127.0.0.1:{port}", server
+
+
+def test_sigkill_leaves_every_finished_episode_readable(tmp_path):
+    endpoint, server = recording_server(tmp_path)
     try:
         wait_ready(endpoint)
         with AgentClient(endpoint, timeout_ms=5000) as client:
@@ -132,11 +139,7 @@ def test_sigkill_leaves_every_finished_episode_readable(tmp_path):
 
 
 def test_sigterm_closes_open_episodes_as_truncated(tmp_path):
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    server = serve_subprocess(
-        port, "--env", "Pusher-v5", "--backend", "zero", "--record", str(tmp_path)
-    )
+    endpoint, server = recording_server(tmp_path)
     try:
         wait_ready(endpoint)
         with AgentClient(endpoint, timeout_ms=5000) as client:
@@ -148,3 +151,58 @@ def test_sigterm_closes_open_episodes_as_truncated(tmp_path):
     assert episode.meta["end_reason"] == "shutdown" and episode.meta["truncated"] is True
     assert episode.column("step") == [0, 1, 2, 3]
     assert len(episode) == 4 and episode.column("truncated")[-1] is True
+
+
+def test_every_episode_acknowledged_as_recorded_survives_a_sigkill(tmp_path):
+    """`recorded: true` means on disk: SIGKILL right after such replies loses none of them."""
+    endpoint, server = recording_server(tmp_path)
+    acknowledged, lock, stop = {}, threading.Lock(), threading.Event()
+
+    def robot(index):
+        with contextlib.suppress(AgentTimeout), AgentClient(endpoint, timeout_ms=5000) as client:
+            for n in range(1000):
+                if stop.is_set():
+                    return
+                episode_id = f"r{index}-{n}"
+                run_episode(client, episode_id, 10 + 7 * (n % 5), end=False)
+                reply = client.end_episode(episode_id, reward=1.0, terminated=True, success=True)
+                with lock:
+                    if reply.recorded:
+                        acknowledged[episode_id] = reply.steps
+                    if len(acknowledged) >= 40:
+                        stop.set()
+                        server.kill()  # right after the reply: the file must already be there
+                        return
+
+    try:
+        wait_ready(endpoint)
+        robots = [threading.Thread(target=robot, args=(i,)) for i in range(3)]
+        for t in robots:
+            t.start()
+        for t in robots:
+            t.join(120)
+    finally:
+        server.kill()
+        server.communicate(timeout=20)
+    assert len(acknowledged) >= 40
+    on_disk = {p.stem: read_episode(p) for p in episode_paths(tmp_path)}
+    for episode_id, steps in acknowledged.items():
+        assert episode_id in on_disk, (
+            f"{episode_id} was acknowledged as recorded but is not on disk"
+        )
+        assert len(on_disk[episode_id]) == steps == on_disk[episode_id].meta["steps"]
+
+
+def test_ended_says_recorded_only_with_recording_on_and_steps_to_write(tmp_path):
+    endpoint, server = recording_server(tmp_path)
+    try:
+        wait_ready(endpoint)
+        with AgentClient(endpoint, timeout_ms=5000) as client:
+            run_episode(client, "ep", 3, end=False)
+            reply = client.end_episode("ep", terminated=True)
+            assert reply.recorded and reply.steps == 3
+            assert (tmp_path / "ep.parquet").is_file()  # already there when the reply arrives
+            unknown = client.end_episode("never-started", terminated=True)
+            assert not unknown.recorded and unknown.steps == 0
+    finally:
+        stop_process(server, signal.SIGTERM)
