@@ -187,7 +187,10 @@ def _decode_array(obj: dict) -> np.ndarray:
             BAD_ARRAY,
             f"array of shape {shape} and dtype {dtype.str} needs {size} bytes, got {len(data)}",
         )
-    return np.ndarray(shape, dtype, data)
+    try:
+        return np.ndarray(shape, dtype, data)
+    except (ValueError, OverflowError) as exc:  # e.g. an empty array with a huge dimension
+        raise ProtocolError(BAD_ARRAY, f"array of shape {brief(shape)}: {exc}") from None
 
 
 _SPLICE_BYTES = 1 << 16  # array data this large is joined in after packing (msgpack: bin 32)

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,10 @@ class EpisodeWriter:
                 ok = False
                 log.exception("could not record episode %s", buf.episode_id)
             if on_recorded is not None:
-                on_recorded(buf, ok)
+                try:  # the writer must outlive a failing callback: later episodes still count
+                    on_recorded(buf, ok)
+                except Exception:
+                    log.exception("the callback for episode %s failed", buf.episode_id)
 
     def finish(self) -> None:
         """Ask the thread to stop once everything submitted so far is written (non-blocking)."""
@@ -125,6 +129,11 @@ class EpisodeWriter:
     @property
     def busy(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def pending(self) -> int:
+        """Episodes waiting to be written (the one being written is not counted)."""
+        return self._queue.qsize()
 
     def close(self, timeout: float | None = 60.0) -> None:
         """Flush every submitted episode and stop the thread."""
@@ -152,7 +161,15 @@ def summary(buf: EpisodeBuffer, end: EpisodeEnd, extra: dict[str, Any]) -> dict[
 
 class EpisodeBook:
     """The open episodes of one server. Finished ones go to the writer when recording is on;
-    otherwise only step counts and answered skills are kept (no observations)."""
+    otherwise only step counts and answered skills are kept (no observations).
+
+    It also remembers which closed episodes the writer still has and, for the
+    last `RECENT_ENDS`, whether they were recorded, so that an `end` repeated
+    after a client timeout, or sent after the server closed the episode
+    itself, gets the true answer.
+    """
+
+    RECENT_ENDS = 4096
 
     def __init__(
         self,
@@ -161,15 +178,20 @@ class EpisodeBook:
         idle_timeout_s: float,
         max_steps: int = 10_000,
         disconnect_grace_s: float = 5.0,
+        on_recorded: OnRecorded | None = None,
     ) -> None:
+        """`on_recorded` is called on the writer's thread for every episode it is given."""
         self.env_id = env_id
         self.writer = writer
+        self.on_recorded = on_recorded
         self.idle_timeout_s = idle_timeout_s
         self.max_steps = max_steps
         self.disconnect_grace_s = disconnect_grace_s
         self._open: dict[str, EpisodeBuffer] = {}
         self._last_seen: dict[str, float] = {}
         self._orphaned: dict[str, float] = {}  # episode -> when to close it (its robot left)
+        self._writing: dict[str, int] = {}  # episode -> decisions, while the writer has it
+        self._recent: OrderedDict[str, tuple[int, bool]] = OrderedDict()  # -> (decisions, recorded)
         self.closed = 0
 
     def __len__(self) -> int:
@@ -239,18 +261,34 @@ class EpisodeBook:
         if (len(ep.steps) if self.writer is not None else ep.decisions) >= self.max_steps:
             self._close(obs.episode_id, EpisodeEnd("too_long"))
 
-    def end(self, msg: EndEpisode, on_recorded: OnRecorded | None = None) -> tuple[int, bool]:
-        """The robot finished an episode: (its decisions here, whether it was sent to the writer).
+    def end(self, msg: EndEpisode) -> tuple[int, bool | None]:
+        """The robot finished an episode: (its decisions here, whether it is recorded).
 
-        When it was, `on_recorded` is called (on the writer's thread) once it is on disk.
+        None while the writer has it (the book's `on_recorded` will say, then
+        `written`); an episode that is neither open nor known was not recorded.
         """
-        ep = self._open.get(msg.episode_id)
+        eid = msg.episode_id
+        ep = self._open.get(eid)
         if ep is None:
-            return 0, False
+            if eid in self._writing:
+                return self._writing[eid], None
+            return self._recent.get(eid, (0, False))
         if ep.last_step is not None and msg.reward is not None and ep.last_step in ep.steps:
             ep.steps[ep.last_step].reward = msg.reward
         end = EpisodeEnd("end", msg.terminated, msg.truncated, msg.success)
-        return ep.decisions, self._close(msg.episode_id, end, on_recorded)
+        return ep.decisions, None if self._close(eid, end) else False
+
+    def written(self, episode_id: str, recorded: bool) -> int:
+        """The writer is done with `episode_id` (called on the server's thread): its decisions."""
+        decisions = self._writing.pop(episode_id, 0)
+        self._remember(episode_id, decisions, recorded)
+        return decisions
+
+    def _remember(self, episode_id: str, decisions: int, recorded: bool) -> None:
+        self._recent[episode_id] = (decisions, recorded)
+        self._recent.move_to_end(episode_id)
+        while len(self._recent) > self.RECENT_ENDS:
+            self._recent.popitem(last=False)
 
     def expire_idle(self, now: float | None = None) -> int:
         """Close, as truncated, episodes whose robot went quiet or whose connection closed."""
@@ -267,11 +305,14 @@ class EpisodeBook:
         for eid in list(self._open):
             self._close(eid, EpisodeEnd(reason))
 
-    def _close(
-        self, episode_id: str, end: EpisodeEnd, on_recorded: OnRecorded | None = None
-    ) -> bool:
+    def _close(self, episode_id: str, end: EpisodeEnd) -> bool:
+        """Close an open episode; True if the writer has it."""
         ep = self._open.pop(episode_id)
         del self._last_seen[episode_id]
         self._orphaned.pop(episode_id, None)
         self.closed += 1
-        return self.writer is not None and self.writer.submit(ep, end, on_recorded)
+        if self.writer is None or not self.writer.submit(ep, end, self.on_recorded):
+            self._remember(episode_id, ep.decisions, False)
+            return False
+        self._writing[episode_id] = ep.decisions
+        return True

@@ -40,10 +40,10 @@ from agent.messages import (
     Request,
     StatsReply,
 )
-from agent.recording import EpisodeBook, EpisodeBuffer, EpisodeWriter
+from agent.recording import EpisodeBook, EpisodeWriter
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-WRITER_FLUSH_S = 60.0  # on shutdown, wait this long at most for recordings to be written
+WRITER_FLUSH_S = 60.0  # on shutdown, answer robots this long at most while recordings flush
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +59,7 @@ class ServerConfig:
     curve_dir: Path | None = None
     reload_every_s: float | None = None  # None: the backend's own default (if it has versions)
     disconnect_grace_s: float = 5.0  # a robot's episodes close this long after its connection
-    shutdown_grace_s: float = 0.5  # answer `shutting_down` this long after the last flush
+    shutdown_grace_s: float = 0.5  # answer `shutting_down` this long after recordings flushed
 
     def __post_init__(self) -> None:
         """Refuse settings that would make the server useless (e.g. drop every message)."""
@@ -155,6 +155,7 @@ class Server:
             config.episode_timeout_s,
             config.max_episode_steps,
             min(config.disconnect_grace_s, config.episode_timeout_s),
+            on_recorded=lambda episode, ok: self._acks.append((episode.episode_id, ok)),
         )
         self._env_metadata = dict(env.metadata) if env else {"env_id": self.env_id}
         self._stop = threading.Event()
@@ -163,10 +164,10 @@ class Server:
         self._socket: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None  # connection events of the ROUTER
         self._peers: dict[int, bytes] = {}  # socket fd -> routing id of the robot on it
-        # "ended" replies whose episode the writer thread has made durable (it appends),
-        # and how many such writes are still under way (the loop looks often meanwhile)
-        self._acks: collections.deque[tuple[list[bytes], bytes]] = collections.deque()
-        self._writes = 0
+        # episodes the writer thread is done with (it appends: id, recorded), and the
+        # `end` requests waiting for them (the loop looks often meanwhile)
+        self._acks: collections.deque[tuple[str, bool]] = collections.deque()
+        self._ends: dict[str, list[tuple[list[bytes], int]]] = {}
         self._rcvtimeo: int | None = None
         self.endpoint: str | None = None
         self._started = time.monotonic()
@@ -305,7 +306,7 @@ class Server:
                 if waiting:
                     age = time.perf_counter() - waiting[0].received
                     timeout_ms = self.policy.wait_s(age, self.call_cost.seconds) * 1000.0
-                elif self._writes:  # an `ended` reply waits for the writer: look often
+                elif self._ends:  # an `ended` reply waits for the writer: look often
                     timeout_ms = 2.0
                 else:
                     timeout_ms = 100.0
@@ -449,24 +450,24 @@ class Server:
         """Close the episode; say "recorded" only once its file is on disk.
 
         With recording on, the reply waits for the writer thread (fsync and
-        rename), which wakes the loop; other robots' decisions go on meanwhile.
+        rename; the loop looks every 2 ms meanwhile, and other robots' decisions
+        go on). An `end` repeated while the episode is being written (a client
+        retry) waits for the same write.
         """
         rid, eid = request.request_id, request.episode_id
-
-        def on_recorded(episode: EpisodeBuffer, ok: bool) -> None:  # on the writer's thread
-            self._acks.append((envelope, P.encode(EndedReply(rid, eid, episode.decisions, ok))))
-
-        steps, queued = self.episodes.end(request, on_recorded)
-        if queued:
-            self._writes += 1
+        steps, recorded = self.episodes.end(request)
+        if recorded is None:
+            self._ends.setdefault(eid, []).append((envelope, rid))
             return None
-        return P.encode(EndedReply(rid, eid, steps, False))
+        return P.encode(EndedReply(rid, eid, steps, recorded))
 
     def _send_acks(self, sock: zmq.Socket) -> None:
+        """Answer the `end`s waiting for episodes the writer is done with."""
         while self._acks:
-            envelope, reply = self._acks.popleft()
-            self._writes -= 1
-            _send(sock, envelope, reply)
+            eid, recorded = self._acks.popleft()
+            steps = self.episodes.written(eid, recorded)
+            for envelope, rid in self._ends.pop(eid, ()):
+                _send(sock, envelope, P.encode(EndedReply(rid, eid, steps, recorded)))
 
     def _peer_events(self) -> None:
         """Connections that closed: their robots' open episodes close after a short grace.
@@ -572,7 +573,10 @@ class Server:
 
     def _shutdown(self, sock: zmq.Socket, waiting: list[_Waiting]) -> None:
         """Finish queued decisions, close episodes, flush recordings and answer their ends;
-        meanwhile, and for `shutdown_grace_s` after, answer new requests `shutting_down`."""
+        meanwhile, and for `shutdown_grace_s` after, answer new requests `shutting_down`.
+
+        Answers stop after `WRITER_FLUSH_S` of flushing; the writer still
+        finishes every episode before the server returns."""
         while waiting:
             batch = waiting[: self.policy.max_batch]
             del waiting[: self.policy.max_batch]
@@ -583,11 +587,15 @@ class Server:
         if self.writer is not None:
             self.writer.finish()
         started = time.monotonic()
-        while time.monotonic() - started < self.config.shutdown_grace_s or (
-            self.writer is not None
-            and self.writer.busy
-            and time.monotonic() - started < WRITER_FLUSH_S
-        ):
+        flushed_at: float | None = None
+        while True:
+            now = time.monotonic()
+            if flushed_at is None and not (self.writer is not None and self.writer.busy):
+                flushed_at = now
+            if (flushed_at is not None and now - flushed_at >= self.config.shutdown_grace_s) or (
+                flushed_at is None and now - started >= WRITER_FLUSH_S
+            ):
+                break
             frames = self._receive(sock, 20)
             if frames is not None:
                 self._refuse(sock, frames)
@@ -596,6 +604,14 @@ class Server:
         self._send_acks(sock)
         self._refuse_all(sock)
         self._close_sockets(linger=1000)
+        if self.writer is not None and self.writer.busy:
+            log.warning(
+                "still writing %d episode(s) after %.0f s; waiting for them (their robots get "
+                "no reply; killing the server now would lose them)",
+                self.writer.pending,
+                WRITER_FLUSH_S,
+            )
+            self.writer.close(timeout=None)
 
     def _refuse_all(self, sock: zmq.Socket) -> None:
         while True:

@@ -105,7 +105,8 @@ def _number(value: Any, what: str) -> float:
 
 
 def _vector(value: Any, what: str) -> None:
-    if not isinstance(value, list | tuple | np.ndarray) or len(value) != 3:
+    vector = isinstance(value, list | tuple) or (isinstance(value, np.ndarray) and value.ndim == 1)
+    if not vector or len(value) != 3:
         raise ValueError(f"{what} must be 3 numbers (x, y, z)")
     for v in value:
         _number(v.item() if isinstance(v, np.generic) else v, what)

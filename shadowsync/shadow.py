@@ -90,12 +90,22 @@ class ShadowSync:
 
     # ---- lifecycle ----------------------------------------------------------
 
-    def start(self) -> ShadowSync:
+    def start(self, bounded: bool = True) -> ShadowSync:
+        """Agree on the starting weights, then start the shadow thread.
+
+        bounded=False: the agreement waits for the other ranks as long as it
+        takes (they may arrive far apart, e.g. after loading their data); the
+        rounds are bounded by `timeout_s` either way.
+        """
         if self._thread is not None:
             raise RuntimeError("ShadowSync already started")
         self._size = comm.world_size()
         start = agree_on_start(
-            self.params, f"{self.name}.init", self._size, self.broadcast, self.timeout_s
+            self.params,
+            f"{self.name}.init",
+            self._size,
+            self.broadcast,
+            self.timeout_s if bounded else None,
         )
         self.rule.start(start, self._size)
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-shadow", daemon=True)

@@ -135,14 +135,17 @@ def test_wrong_schema_gets_a_reply_with_our_request_id(raw, field, value):
 
 
 dtypes = st.sampled_from(["|u1", "<f4", "<f8", "<i8", "|b1", "<f2", "|O", "<U3", ">f4", "<c8"])
-shapes = st.lists(st.integers(0, 8), max_size=4)  # stays under MAX_BYTES
+# small dimensions stay under MAX_BYTES; huge ones only fit beside a 0 (an empty array)
+shapes = st.lists(st.one_of(st.integers(0, 8), st.sampled_from([2**31, 2**40, 2**63])), max_size=4)
 
 
 @FUZZ
 @given(st.sampled_from(["image", "state"]), dtypes, shapes, st.booleans())
+@example(target="state", dtype="<f4", shape=[2**63, 0], consistent=True)  # numpy refuses it
 def test_wrong_arrays_get_error_replies(raw, target, dtype, shape, consistent):
     itemsize = 1 if dtype[1] in "ub" else int(dtype[2:]) if dtype[2:].isdigit() else 4
-    size = int(np.prod(shape)) * itemsize + (0 if consistent else 1)
+    size = int(np.prod(shape, dtype=object)) * itemsize + (0 if consistent else 1)
+    size = size if size <= 1 << 16 else 1  # a huge array is claimed, not sent
     array = {b"__ndarray__": True, b"data": b"\0" * size, b"dtype": dtype, b"shape": shape}
     msg = valid_message(request_id=7)
     if target == "image":
@@ -335,6 +338,7 @@ sim_values = st.one_of(
     st.sampled_from(["", "red cube", "green pad", "blue bin", "nope", "a" * 300, "Red Cube!"]),
     st.builds(Deep, st.sampled_from([2, 50, 500, 1000])),
     st.dictionaries(st.text(max_size=12), st.floats(), max_size=3),
+    st.builds(np.array, st.floats(-2, 2)),  # a 0-d array: no len
 )
 
 
@@ -358,6 +362,7 @@ def set_path(sim, path, value):
 @example(mutations=[(("held",), "nope")])  # names no object
 @example(mutations=[(("objects", 0, "pos"), "abc")])
 @example(mutations=[(("held",), Deep(1000))])  # repr of this fails with RecursionError
+@example(mutations=[(("ee",), np.array(0.5))])  # a 0-d array (was a TypeError)
 def test_malformed_sim_dicts_of_the_right_keys_get_specific_errors(
     oracle_raw, oracle_scene, mutations
 ):

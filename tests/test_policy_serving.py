@@ -188,3 +188,21 @@ def test_mixing_draws_are_seeded_per_robot_and_step(recorded, trained):
     assert decision.decided_by == "teacher:zero" and decision.skill_index == 0
     with pytest.raises(Exception, match="beta must be in"):
         Teaching(student, teacher, beta=1.5)
+
+
+def test_a_teacher_asked_only_when_unsure_does_not_refuse_robots_it_cannot_teach(recorded, trained):
+    """The oracle needs `sim`; a robot without it is refused only when every step needs a label."""
+    from agent.backends.base import BadObservation
+
+    obs = Observation("r", "e", 0, **recorded_step(recorded))  # a real robot: no sim
+    student = load_backend("policy", ENV, str(trained))
+    oracle = load_backend("oracle", ENV)
+    with pytest.raises(BadObservation, match="privileged state"):
+        Teaching(student, oracle).check(obs)
+    (alone,) = student.decide([obs])
+    assert alone.confidence < 1.0  # so below 1.0 it is unsure
+    unsure = Teaching(student, oracle, escalate_below=1.0, label="escalated")
+    unsure.check(obs)
+    (decision,) = unsure.decide([obs])  # the teacher was to act and could not: that step fails
+    assert "the teacher could not decide" in str(decision)
+    assert unsure.stats()["teacher_failed"] == 1

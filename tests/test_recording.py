@@ -7,8 +7,10 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 from runtime_fixtures import free_port, serve_subprocess, stop_process, wait_ready
 
+from agent import protocol as P
 from agent.client import AgentClient, AgentTimeout
 from agent.messages import Decision, EndEpisode, Observation, TeacherLabel
 from agent.recording import EpisodeBook, EpisodeWriter
@@ -206,3 +208,47 @@ def test_ended_says_recorded_only_with_recording_on_and_steps_to_write(tmp_path)
             assert not unknown.recorded and unknown.steps == 0
     finally:
         stop_process(server, signal.SIGTERM)
+
+
+def test_a_repeated_end_waits_for_the_same_write_and_gets_the_same_answer(tmp_path):
+    """A client that timed out and resends `end` must not be told `recorded: false`."""
+    endpoint, server = recording_server(tmp_path)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    try:
+        wait_ready(endpoint)
+        with AgentClient(endpoint, timeout_ms=5000) as client:
+            run_episode(client, "ep", 50, end=False)
+        sock.connect(endpoint)
+        for rid in (1, 2, 3):  # back to back: the later ones arrive while "ep" is being written
+            sock.send(P.encode(EndEpisode(rid, "robot", "ep", 1.0, terminated=True)))
+        replies = sorted((P.parse_reply(sock.recv()) for _ in range(3)), key=lambda r: r.request_id)
+        assert [(r.request_id, r.recorded, r.steps) for r in replies] == [
+            (1, True, 50),
+            (2, True, 50),
+            (3, True, 50),
+        ]
+        assert [p.name for p in episode_paths(tmp_path)] == ["ep.parquet"]  # written once
+    finally:
+        sock.close()
+        stop_process(server, signal.SIGTERM)
+
+
+def test_an_end_after_the_server_closed_the_episode_says_whether_it_was_recorded(tmp_path):
+    recorded = threading.Event()
+    writer = EpisodeWriter(tmp_path)
+    book = EpisodeBook(
+        "test/Null-v0", writer, idle_timeout_s=30, max_steps=3,
+        on_recorded=lambda episode, ok: recorded.set(),
+    )  # fmt: skip
+    try:
+        record_episode(book, "long", steps=3)  # closed as too_long at its 3rd step
+        assert book.end(EndEpisode(1, "robot", "long")) == (3, None)  # still being written
+        assert recorded.wait(30)
+        assert book.written("long", True) == 3
+        assert book.end(EndEpisode(2, "robot", "long")) == (3, True)
+        assert book.end(EndEpisode(3, "robot", "unknown")) == (0, False)
+    finally:
+        writer.close()
+    assert read_episode(tmp_path / "long.parquet").meta["end_reason"] == "too_long"

@@ -273,10 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     ranks = Ranks.start()
     try:
         return train(args, ranks)
-    except ranks.failures() as exc:  # never hang the job: every rank leaves with this
+    except Exception as exc:  # never hang the job: a rank that lost another leaves with this
+        lost = next((e for e in (exc, exc.__cause__) if isinstance(e, ranks.failures())), None)
+        if lost is None:
+            raise
         print(
             f"[trainer] rank {ranks.rank}: stopped, the job lost a rank: "
-            f"{type(exc).__name__}: {exc}",
+            f"{type(lost).__name__}: {lost}",
             file=sys.stderr,
             flush=True,
         )
@@ -382,7 +385,7 @@ def train(args: argparse.Namespace, ranks: Ranks) -> int:
             interval=args.sync_interval_s,
             min_iterations=1,  # no round without local progress (BMUF must not replay momentum)
             timeout_s=args.sync_timeout_s,
-        ).start()
+        ).start(bounded=False)  # start-up is not bounded: ranks load their data first
     elif ranks.hvd is not None:
         ranks.hvd.broadcast_parameters(model.state_dict(), root_rank=0)  # "none": same start only
     say(
