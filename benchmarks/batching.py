@@ -162,8 +162,10 @@ def drive(endpoint: str, robots: int, seconds: float, warmup_s: float) -> None:
 
 
 def run(max_batch: int, robots: int, seconds: float, timeout_ms: float) -> dict:
+    from agent.serve import tune_allocator
     from agent.server import Server, ServerConfig
 
+    tune_allocator()  # as `agent serve` does
     backend = TinyTorchPolicy(ENV)
     backend.warmup()
     server = Server(
