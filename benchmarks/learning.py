@@ -72,8 +72,13 @@ def subset(episodes: Path, out: Path, size: int) -> int:
     return count
 
 
-def train(data: Path, ckpt: Path, ranks: int, sync: str, steps: int, extra: list[str]) -> dict:
-    shutil.rmtree(ckpt, ignore_errors=True)
+def train(
+    data: Path, ckpt: Path, ranks: int, sync: str, steps: int, extra: list[str], fresh: bool = True
+) -> dict:
+    """`steps` training steps on `data` into `ckpt`: from scratch, or (fresh=False) continuing
+    from its last version."""
+    if fresh:
+        shutil.rmtree(ckpt, ignore_errors=True)
     cmd = trainer_command(
         ranks,
         "--episodes", str(data), "--out", str(ckpt), "--sync", sync,
@@ -85,12 +90,14 @@ def train(data: Path, ckpt: Path, ranks: int, sync: str, steps: int, extra: list
     return summary
 
 
-def evaluate(backend: list[str], tasks: tuple[str, ...], seeds: int, robots: int) -> dict:
-    """Success per task on the held-out seeds, through `agent serve` with `backend`."""
+def evaluate(
+    backend: list[str], tasks: tuple[str, ...], seeds: int, robots: int, seed: int = EVAL_SEED
+) -> dict:
+    """Success per task on the held-out seeds (from `seed`), through `agent serve` with `backend`."""
     per_task = {}
     for env_id in tasks:
         with serving(env_id, *backend) as (endpoint, _):
-            s = run_robots(endpoint, env_id, seeds, seed=EVAL_SEED, robots=robots)
+            s = run_robots(endpoint, env_id, seeds, seed=seed, robots=robots)
         per_task[env_id] = {
             "success": s["success_rate"],
             "p50_ms": s["p50_ms"],
