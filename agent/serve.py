@@ -37,8 +37,8 @@ def tune_allocator(mmap_threshold: int = 4 << 20, trim_threshold: int = 32 << 20
     By default glibc moves its thresholds as blocks come and go: after one huge
     message (refused) later ones land on the heap and the server's memory stays
     at the peak, while 150 kB images freed at the top of the heap are given
-    back and faulted in again on every request (page faults and zeroing: 40%
-    of the decision loop's CPU in `benchmarks/transport.py`). Fixed thresholds
+    back and faulted in again on every request (page faults and zeroing; see
+    docs/performance.md#runtime for what the loop's CPU was before and after). Fixed thresholds
     give every block over `mmap_threshold` its own mapping, unmapped when
     freed, and keep up to `trim_threshold` of freed heap for the next
     requests. False where the C library has no `mallopt`.
