@@ -113,17 +113,51 @@ def _vector(value: Any, what: str) -> None:
 
 
 def next_skill(priv: Mapping[str, Any]) -> tuple[str, str]:
-    """(skill sentence, rationale) for the first unfinished goal pair."""
+    """(skill sentence, rationale) for the goal pair to work on (`current_goal`)."""
     todo = tasks.pending(priv)
     held = priv["held"]
     if not todo:
         if held:
             return skills.OPEN, f"The task is done, so release the {held}."
         return skills.LIFT, "The task is already done, so just move the gripper up and clear."
-    obj, dest = todo[0]
+    obj, dest = current_goal(priv, todo)
     if priv["objects"][obj]["kind"] == "block":
         return _push_step(priv, obj, dest)
     return _pick_place_step(priv, obj, dest)
+
+
+def current_goal(priv: Mapping[str, Any], todo: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    """The pending goal pair to work on now.
+
+    The first pending pair, unless the gripper already holds, or hovers open
+    right above, the object of another pair that can be done now (its
+    destination is not itself waiting to be placed, nothing is on the object or
+    in the way at the destination): then that one. On the oracle's own path
+    the two agree (it only ever holds or hovers above its first pair's object),
+    but where a student started on another cube the oracle carries on with it
+    instead of undoing it, so its labels (DAgger's) depend on what a student
+    can see rather than on the hidden order of the goal list.
+    """
+    waiting = {o for o, _ in todo}
+    ready = [
+        (o, d)
+        for o, d in todo
+        if priv["objects"][o]["kind"] == "cube"
+        and d not in waiting
+        and not tasks.cubes_above(priv, o)
+        and not tasks.occupants(priv, d, o)
+    ]
+    held = priv["held"]
+    for o, d in ready:
+        if held == o:
+            return o, d
+    if not held and float(priv["gripper"]) >= skills.OPEN_WIDTH:
+        ee = np.asarray(priv["ee"], dtype=float)[:2]
+        for o, d in ready:
+            xy = np.asarray(priv["objects"][o]["pos"], dtype=float)[:2]
+            if np.linalg.norm(xy - ee) < ABOVE_TOL:
+                return o, d
+    return todo[0]
 
 
 def _pick_place_step(priv: Mapping[str, Any], obj: str, dest: str) -> tuple[str, str]:

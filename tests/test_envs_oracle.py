@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import envs
-from envs import evaluate, oracle
+from envs import evaluate, oracle, skills, tasks
 from envs.rollout import run_episode
 
 SEEDS = 20  # CI subset; `python -m envs.evaluate --seeds 100` is the full >= 95% check
@@ -91,3 +91,24 @@ def test_oracle_recovers_after_wrong_skills(env_id):
             _, _, _, _, info = env.step(decision.skill_index)
         successes += info["is_success"]
     assert successes >= 4, f"{successes}/5 recovered"
+
+
+@pytest.mark.timeout(60)
+def test_oracle_carries_on_with_the_cube_a_student_started():
+    """Its labels depend on what a student sees, not on the hidden order of the goal list:
+    above, or holding, another cube than the first pending one, it finishes that cube."""
+    env = envs.make_skill_env("tabletop/Sort-v0", images=False)
+    _, info = env.reset(seed=1)
+    first, (cube, bin_) = tasks.pending(env.privileged_state())[:2]
+    _, _, _, _, info = env.step(info["options"].index(f"move above the {cube}"))
+    assert oracle.decide(env.privileged_state(), info["options"]).skill == skills.GRASP
+    _, _, _, _, info = env.step(info["options"].index(skills.GRASP))
+    assert env.privileged_state()["held"] == cube
+    for _ in range(3):
+        decision = oracle.decide(env.privileged_state(), info["options"])
+        assert decision.skill != skills.PLACE_ON_TABLE, decision.rationale
+        if decision.skill == skills.OPEN:
+            break
+        _, _, _, _, info = env.step(decision.skill_index)
+    assert tasks.placed(env.privileged_state(), cube, bin_)
+    assert tasks.pending(env.privileged_state())[0] == first  # then back to the list's order
