@@ -138,25 +138,26 @@ def current_goal(priv: Mapping[str, Any], todo: Sequence[tuple[str, str]]) -> tu
     instead of undoing it, so its labels (DAgger's) depend on what a student
     can see rather than on the hidden order of the goal list.
     """
-    waiting = {o for o, _ in todo}
-    ready = [
-        (o, d)
-        for o, d in todo
-        if priv["objects"][o]["kind"] == "cube"
-        and d not in waiting
-        and not tasks.cubes_above(priv, o)
-        and not tasks.occupants(priv, d, o)
-    ]
     held = priv["held"]
-    for o, d in ready:
-        if held == o:
-            return o, d
+    started: set[str] = {held} if held else set()
     if not held and float(priv["gripper"]) >= skills.OPEN_WIDTH:
         ee = np.asarray(priv["ee"], dtype=float)[:2]
-        for o, d in ready:
-            xy = np.asarray(priv["objects"][o]["pos"], dtype=float)[:2]
-            if np.linalg.norm(xy - ee) < ABOVE_TOL:
-                return o, d
+        started = {
+            o
+            for o, _ in todo
+            if np.linalg.norm(np.asarray(priv["objects"][o]["pos"], dtype=float)[:2] - ee)
+            < ABOVE_TOL
+        }
+    waiting = {o for o, _ in todo}
+    for o, d in todo:
+        if (
+            o in started
+            and priv["objects"][o]["kind"] == "cube"
+            and d not in waiting
+            and not tasks.cubes_above(priv, o)
+            and not tasks.occupants(priv, d, o)
+        ):
+            return o, d
     return todo[0]
 
 
