@@ -16,6 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 AUTHORIZED = "authorized"
 
@@ -78,3 +79,18 @@ def client_keys(directory: str | Path, name: str = "client") -> CurveKeys:
 
 def authorized_dir(directory: str | Path) -> Path:
     return Path(directory) / AUTHORIZED
+
+
+def serve_curve(context: Any, sock: Any, directory: str | Path) -> Any:
+    """Make `sock` (a server socket, before bind) accept only robots whose keys are authorized
+    in `directory`, encrypted; returns the started authenticator (stop it with the socket)."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    keys = server_keys(directory)
+    auth = ThreadAuthenticator(context)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(authorized_dir(directory)))
+    sock.curve_server = True
+    sock.curve_publickey = keys.public
+    sock.curve_secretkey = keys.secret
+    return auth

@@ -16,7 +16,7 @@ runtime. Everything else is an extra named by what it enables (pyproject.toml):
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     "sim": ("gymnasium", "mujoco", "PIL", "tqdm"),
@@ -34,12 +34,21 @@ class MissingExtra(ImportError):
 
 
 def require(extra: str, what: str) -> None:
-    """Raise MissingExtra unless every module of `extra` imports; `what` names the command."""
+    """Raise MissingExtra unless every module of `extra` is installed; `what` names the command.
+
+    Looks modules up without importing them (`importlib.util.find_spec`): a check
+    must not pay for torch's import, nor import MuJoCo before `envs` has chosen
+    its rendering backend.
+    """
     for module in EXTRAS[extra]:
         try:
-            importlib.import_module(module)
-        except ImportError as exc:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError) as exc:
+            found, reason = False, str(exc)
+        else:
+            reason = "not installed"
+        if not found:
             raise MissingExtra(
-                f"{what} needs the '{extra}' extra ({module} cannot be imported: {exc}); "
+                f"{what} needs the '{extra}' extra ({module} cannot be imported: {reason}); "
                 f"install it with: pip install 'embodied-agent[{extra}]'"
-            ) from exc
+            )

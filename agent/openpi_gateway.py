@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from agent import codec as C
 from agent import protocol as P
 from agent.client import AgentClient, AgentTimeout, ServerError
 
@@ -44,7 +45,7 @@ def _flatten(obs: dict[str, Any], prefix: str = "", depth: int = 0) -> dict[str,
         )
     flat: dict[str, Any] = {}
     for key, value in obs.items():
-        name = f"{prefix}{key}" if isinstance(key, str) else f"{prefix}{P.brief(key, 32)}"
+        name = f"{prefix}{key}" if isinstance(key, str) else f"{prefix}{C.brief(key, 32)}"
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{name}/", depth + 1))
         else:
@@ -144,14 +145,14 @@ class OpenpiGateway:
         client = AgentClient(self.endpoint, timeout_ms=self.timeout_ms, robot_id=robot, retries=1)
         episode_id, step, prev_total_ms = uuid.uuid4().hex, 0, None
         try:
-            connection.send(P.packb(client.hello()))
+            connection.send(C.packb(client.hello()))
             while True:
                 frame = connection.recv()
                 start = time.monotonic()
                 try:
                     if isinstance(frame, str):
                         raise P.ProtocolError(P.BAD_MESSAGE, "observations must be binary msgpack")
-                    fields = openpi_observation(P.unpackb(frame))
+                    fields = openpi_observation(C.unpackb(frame))
                     reply = client.decide(episode_id=episode_id, step=step, **fields)
                 except (P.ProtocolError, ServerError, AgentTimeout, ValueError) as exc:
                     connection.send(f"Error in inference server: {exc}"[: P.MAX_ERROR_TEXT])
@@ -162,7 +163,7 @@ class OpenpiGateway:
                     connection.send(text)
                     continue
                 step += 1
-                connection.send(P.packb(self._action(reply, prev_total_ms)))
+                connection.send(C.packb(self._action(reply, prev_total_ms)))
                 prev_total_ms = 1e3 * (time.monotonic() - start)
         except ConnectionClosed:
             pass

@@ -1,27 +1,35 @@
-"""The runtime's wire format: msgpack messages, numpy arrays in openpi's encoding.
+"""The runtime's wire schema: which messages exist, what each field must be, the error codes.
 
 Pure functions only (no sockets): `encode` any message of `agent.messages`,
-`parse_request` / `parse_reply` bytes back into one (validated). A robot needs
-this module, `agent.messages`, `agent.client`, pyzmq, msgpack and numpy,
-nothing else. Arrays travel as maps with the binary keys `__ndarray__`, `data`,
-`dtype`, `shape`, exactly like openpi's `msgpack_numpy`, so arrays packed by
-existing robot clients decode unchanged. Pickle never crosses the wire.
-See docs/protocol.md.
+`parse_request` / `parse_reply` bytes back into one (validated field by
+field, each bad field a `ProtocolError` with its code). The bytes themselves
+(msgpack, openpi's array encoding) are `agent.codec`'s; its error codes and
+`ProtocolError` are re-exported here, the one name robots and the server use.
+A robot needs this module, `agent.codec`, `agent.messages`, `agent.client`,
+pyzmq, msgpack and numpy, nothing else. See docs/protocol.md.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import reprlib
-import threading
 from dataclasses import fields
 from typing import Any
 
-import msgpack
 import numpy as np
 
+from agent import codec as C
+from agent.codec import BACKEND_ERROR as BACKEND_ERROR
+from agent.codec import BAD_ARRAY as BAD_ARRAY
+from agent.codec import BAD_MESSAGE as BAD_MESSAGE
+from agent.codec import BAD_OBSERVATION as BAD_OBSERVATION
+from agent.codec import BAD_REQUEST as BAD_REQUEST
+from agent.codec import INTERNAL_ERROR as INTERNAL_ERROR
+from agent.codec import SHUTTING_DOWN as SHUTTING_DOWN
+from agent.codec import TOO_LARGE as TOO_LARGE
+from agent.codec import UNKNOWN_TYPE as UNKNOWN_TYPE
+from agent.codec import VERSION_MISMATCH as VERSION_MISMATCH
+from agent.codec import ProtocolError as ProtocolError
 from agent.messages import (
     DecideRequest,
     Decision,
@@ -42,27 +50,9 @@ PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
-# Error codes carried by `error` replies.
-BAD_MESSAGE = "bad_message"  # not msgpack / not a map
-BAD_REQUEST = "bad_request"  # wrong schema: missing or mistyped field
-BAD_ARRAY = "bad_array"  # array header inconsistent or dtype not allowed
-BAD_OBSERVATION = "bad_observation"  # wrong dtype, shape, NaN, or not what the env produces
-VERSION_MISMATCH = "version_mismatch"
-UNKNOWN_TYPE = "unknown_type"
-BACKEND_ERROR = "backend_error"
-INTERNAL_ERROR = "internal_error"
-SHUTTING_DOWN = "shutting_down"
-TOO_LARGE = "too_large"  # the whole message (all its frames) is over the size limit
-
-_DTYPES = {  # wire name -> dtype: the only dtypes an array may have
-    np.dtype(name).str: np.dtype(name)
-    for name in ("bool", "u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f2", "f4", "f8")
-}
-_ALLOWED_DTYPES = frozenset(_DTYPES)
 _F32 = np.dtype(np.float32)
 _U8 = np.dtype(np.uint8)
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_MAX_ARRAY_DIMS = 8
 _MAX_IMAGES = 8
 _MAX_IMAGE_SIDE = 4096
 _MAX_STATE = 4096
@@ -73,212 +63,6 @@ _MAX_TASK = 128
 _MAX_REQUEST_ID = 2**63 - 1
 _MAX_STEP = 2**31 - 1
 MAX_ERROR_TEXT = 1024  # an error reply's message is cut to this many characters
-
-
-class ProtocolError(ValueError):
-    """A message that breaks the protocol; becomes an `error` reply with `code`."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class _Brief(reprlib.Repr):
-    """reprlib with bytes cut before they are formatted (reprlib formats them whole)."""
-
-    def repr_bytes(self, x: bytes, level: int) -> str:
-        return repr(x[: self.maxstring]) + ("..." if len(x) > self.maxstring else "")
-
-
-_brief = _Brief()
-_brief.maxlevel, _brief.maxstring, _brief.maxother, _brief.maxlong = 3, 48, 48, 48
-_brief.maxlist = _brief.maxtuple = _brief.maxdict = _brief.maxset = 4
-
-
-def brief(value: Any, limit: int = 80) -> str:
-    """A short repr of an untrusted value: bounded in length and depth, never raises.
-
-    Robot input ends up in error messages; `repr` of a 16 MB string or of a
-    list nested a thousand deep would be a 16 MB reply or a RecursionError.
-    """
-    try:
-        text = _brief.repr(value)
-    except Exception:  # a hostile __repr__ cannot come off the wire, but never fail here
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# --------------------------------------------------------------------------- arrays
-
-
-_WIRE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-
-
-def _array_map(obj: np.ndarray) -> dict[bytes, Any]:
-    """openpi's map for an array; its data is a view of the array's memory (no copy)."""
-    name = _WIRE_NAMES.get(obj.dtype)
-    if name is None:  # big-endian (sent little-endian) or not allowed at all
-        if obj.dtype.byteorder != ">":
-            raise TypeError(f"arrays of dtype {obj.dtype} cannot be sent")
-        obj = obj.astype(obj.dtype.newbyteorder("<"))
-        name = obj.dtype.str
-    data = memoryview(obj)
-    if not data.c_contiguous:
-        data = memoryview(np.ascontiguousarray(obj))
-    return {
-        b"__ndarray__": True,
-        b"data": _Large(data) if data.nbytes >= _SPLICE_BYTES else data,
-        b"dtype": name,
-        b"shape": list(obj.shape),
-    }
-
-
-def _encode_extra(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return _array_map(obj)
-    if isinstance(obj, np.generic):
-        if obj.dtype.str not in _ALLOWED_DTYPES:
-            raise TypeError(f"scalars of dtype {obj.dtype} cannot be sent")
-        return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"cannot encode {type(obj).__name__} in a message")
-
-
-def _decode_extra(obj: dict) -> Any:
-    if b"__ndarray__" in obj:
-        return _decode_array(obj)
-    if b"__npgeneric__" in obj:
-        dtype = _checked_dtype(obj.get(b"dtype"))
-        try:
-            return dtype.type(obj[b"data"])
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise ProtocolError(BAD_ARRAY, f"bad numpy scalar: {exc}") from None
-    return obj
-
-
-def _checked_dtype(raw: Any) -> np.dtype:
-    dtype = _DTYPES.get(raw) if type(raw) is str else None
-    if dtype is None and isinstance(raw, bytes):
-        dtype = _DTYPES.get(raw.decode("ascii", "replace"))
-    if dtype is None:
-        raise ProtocolError(BAD_ARRAY, f"array dtype {brief(raw)} is not allowed")
-    return dtype
-
-
-def _decode_array(obj: dict) -> np.ndarray:
-    """The array an openpi array map describes: a view of the message's bytes, checked."""
-    dtype = _checked_dtype(obj.get(b"dtype"))
-    data, shape = obj.get(b"data"), obj.get(b"shape")
-    if type(data) is not bytes:
-        raise ProtocolError(BAD_ARRAY, "array data must be binary")
-    if type(shape) is not list or len(shape) > _MAX_ARRAY_DIMS:
-        raise ProtocolError(BAD_ARRAY, f"array shape must be a list of <= {_MAX_ARRAY_DIMS} ints")
-    size = dtype.itemsize
-    for n in shape:
-        if type(n) is not int or n < 0:  # (bool is not int here)
-            raise ProtocolError(
-                BAD_ARRAY, f"array shape {brief(shape)} must hold non-negative ints"
-            )
-        size *= n
-    if size != len(data):
-        raise ProtocolError(
-            BAD_ARRAY,
-            f"array of shape {shape} and dtype {dtype.str} needs {size} bytes, got {len(data)}",
-        )
-    try:
-        return np.ndarray(shape, dtype, data)
-    except (ValueError, OverflowError) as exc:  # e.g. an empty array with a huge dimension
-        raise ProtocolError(BAD_ARRAY, f"array of shape {brief(shape)}: {exc}") from None
-
-
-_SPLICE_BYTES = 1 << 16  # array data this large is joined in after packing (msgpack: bin 32)
-_SPLICE_EXT = 42  # the ext type of its placeholders
-
-
-class _Large:
-    """Array data to join into the packed message in place of a placeholder."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: memoryview) -> None:
-        self.data = data
-
-
-class _Packer:
-    """A thread's msgpack packer that copies large array data once.
-
-    Packed plainly, an image is copied into msgpack's buffer and the buffer
-    into the message: two copies. Here large data is packed as an 18-byte
-    placeholder (an ext record: a random per-thread tag and an index), and the
-    message is joined from the packed pieces, each placeholder replaced by its
-    bin 32 header and data: one copy, byte for byte what plain packing gives.
-    A message whose strings hold the tag (never, in practice) is packed plainly.
-    The packer itself is reused: a fresh one allocates its buffer anew every time.
-    """
-
-    def __init__(self) -> None:
-        self.packer = msgpack.Packer(default=self._default, use_bin_type=True, autoreset=False)
-        self.tag = b"\xd8" + _SPLICE_EXT.to_bytes(1, "big") + os.urandom(12)
-        self.large: list[memoryview] | None = None  # None: pack large data plainly
-
-    def _default(self, obj: Any) -> Any:
-        if type(obj) is _Large:
-            if self.large is None:
-                return obj.data
-            self.large.append(obj.data)
-            index = (len(self.large) - 1).to_bytes(4, "big")
-            return msgpack.ExtType(_SPLICE_EXT, self.tag[2:] + index)
-        return _encode_extra(obj)
-
-    def _pack(self, obj: Any, splice: bool) -> tuple[bytes, list[memoryview]]:
-        self.large = [] if splice else None
-        try:
-            self.packer.pack(obj)
-            return self.packer.bytes(), self.large or []
-        finally:
-            self.packer.reset()
-            self.large = None
-
-    def pack(self, obj: Any) -> bytes:
-        head, large = self._pack(obj, splice=True)
-        if not large:
-            return head
-        if head.count(self.tag) != len(large):
-            return self._pack(obj, splice=False)[0]
-        parts, start = [], 0
-        for i, data in enumerate(large):
-            at = head.index(self.tag + i.to_bytes(4, "big"), start)
-            parts += (head[start:at], b"\xc6" + data.nbytes.to_bytes(4, "big"), data)
-            start = at + len(self.tag) + 4
-        parts.append(head[start:])
-        return b"".join(parts)
-
-
-_local = threading.local()
-
-
-def packb(obj: Any) -> bytes:
-    """Encode a message (numpy arrays included) as msgpack; large arrays are copied once."""
-    packer = getattr(_local, "packer", None)
-    if packer is None:
-        packer = _local.packer = _Packer()
-    return packer.pack(obj)
-
-
-def unpackb(data: bytes | memoryview) -> Any:
-    """Decode msgpack bytes; anything malformed raises ProtocolError(BAD_MESSAGE/BAD_ARRAY)."""
-    return _unpack(data, _decode_extra)
-
-
-def _unpack(data: bytes | memoryview, hook: Any) -> Any:
-    try:
-        return msgpack.unpackb(data, object_hook=hook, raw=False, strict_map_key=False)
-    except ProtocolError:
-        raise
-    except Exception as exc:  # msgpack raises many types for garbage input
-        raise ProtocolError(BAD_MESSAGE, f"not a valid msgpack message: {exc}") from None
 
 
 # --------------------------------------------------------------------------- field checks
@@ -309,7 +93,7 @@ def _ident(msg: dict, name: str) -> str:
         return value
     if not _ID_RE.fullmatch(value):
         raise ProtocolError(
-            BAD_REQUEST, f"field {name!r} must match {_ID_RE.pattern}, got {brief(value)}"
+            BAD_REQUEST, f"field {name!r} must match {_ID_RE.pattern}, got {C.brief(value)}"
         )
     if len(_known_ids) >= 65536:  # bounded: new episodes keep arriving
         _known_ids.clear()
@@ -343,7 +127,7 @@ def _array(value: Any, what: str) -> np.ndarray:
     """The array an observation field carries (requests are unpacked without hooks)."""
     if type(value) is not dict or b"__ndarray__" not in value:
         raise ProtocolError(BAD_OBSERVATION, f"{what} must be an array")
-    return _decode_array(value)
+    return C.decode_array(value)
 
 
 def _image(name: str, value: Any) -> np.ndarray:
@@ -389,7 +173,7 @@ def _sim(value: Any) -> dict | None:
         for key, child in items:
             if type(child) is dict:
                 if b"__ndarray__" in child:
-                    node[key] = _decode_array(child)
+                    node[key] = C.decode_array(child)
                 else:
                     todo.append(child)
             elif type(child) is list:
@@ -432,14 +216,14 @@ def parse_request(data: bytes | memoryview) -> Request:
     Unpacked without hooks: arrays are decoded where the schema has them (images,
     state, inside `sim`), which costs a fraction of a hook called on every map.
     """
-    msg = _unpack(data, None)
+    msg = C.unpack(data, None)
     if not isinstance(msg, dict):
         raise ProtocolError(BAD_MESSAGE, f"a message must be a map, got {type(msg).__name__}")
     version = msg.get("protocol")
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(
             VERSION_MISMATCH,
-            f"client speaks protocol {brief(version)}; this server "
+            f"client speaks protocol {C.brief(version)}; this server "
             f"speaks {PROTOCOL_VERSION} (supported: {list(SUPPORTED_VERSIONS)})",
         )
     kind = msg.get("type")
@@ -473,14 +257,14 @@ def parse_request(data: bytes | memoryview) -> Request:
     if kind == StatsRequest.TYPE:
         return StatsRequest(request_id)
     raise ProtocolError(
-        UNKNOWN_TYPE, f"unknown message type {brief(kind)}; expected hello, decide, end or stats"
+        UNKNOWN_TYPE, f"unknown message type {C.brief(kind)}; expected hello, decide, end or stats"
     )
 
 
 def peek_ids(data: bytes | memoryview) -> tuple[int | None, str | None]:
     """Best-effort request and episode id of a message that failed validation."""
     try:
-        msg = unpackb(data)
+        msg = C.unpackb(data)
     except ProtocolError:
         return None, None
     if not isinstance(msg, dict):
@@ -514,10 +298,10 @@ def _decide_body(req: DecideRequest) -> dict[str, Any]:
     images = obs.images
     if images:
         observation["images"] = {
-            name: _array_map(v) if type(v) is np.ndarray else v for name, v in images.items()
+            name: C.array_map(v) if type(v) is np.ndarray else v for name, v in images.items()
         }
     if type(obs.state) is np.ndarray:
-        observation["state"] = _array_map(obs.state)
+        observation["state"] = C.array_map(obs.state)
     return {
         "robot_id": obs.robot_id,
         "episode_id": obs.episode_id,
@@ -572,12 +356,12 @@ def _decision_reply(reply: DecisionReply) -> dict[str, Any]:
 def encode(message: Request | Reply) -> bytes:
     """The msgpack bytes of any request or reply (one envelope for all of them)."""
     if type(message) is DecisionReply:
-        return packb(_decision_reply(message))
+        return C.packb(_decision_reply(message))
     if isinstance(message, DecideRequest):
         body = _decide_body(message)
     else:
         body = {name: getattr(message, name) for name in _PLAIN_BODY[type(message)]}
-    return packb(
+    return C.packb(
         {
             "type": message.TYPE,
             "protocol": PROTOCOL_VERSION,
@@ -596,7 +380,7 @@ _REPLIES: dict[str, type] = {
 
 def parse_reply(data: bytes | memoryview) -> Reply:
     """Decode a server reply; raises ProtocolError when it is not one."""
-    msg = _unpack(data, None)  # a reply's only array is a decision's action
+    msg = C.unpack(data, None)  # a reply's only array is a decision's action
     if type(msg) is not dict or type(msg.get("type")) is not str:
         raise ProtocolError(BAD_MESSAGE, "reply is not a typed map")
     kind = msg["type"]
@@ -604,7 +388,7 @@ def parse_reply(data: bytes | memoryview) -> Reply:
         get = msg.get
         action, point = get("action"), get("point")
         decision = Decision(
-            action=None if action is None else _decode_extra(action),
+            action=None if action is None else C.decode_extra(action),
             skill_index=get("skill_index"),
             skill=get("skill"),
             point=None if point is None else tuple(point),

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.messages import Decision, EndEpisode, Observation
+from agent.messages import DecideRequest, DecisionReply, EndEpisode, Observation
 from agent.store import (
     Step,
     episode_table,
     free_path,
     remove_stale_tmp,
-    write_atomically,
+    write_episode,
 )
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class EpisodeWriter:
             buf, end, on_recorded = item
             try:
                 steps = [buf.steps[s] for s in sorted(buf.steps)]
-                write_atomically(
+                write_episode(
                     episode_table(steps, summary(buf, end, self._extra)),
                     free_path(self.directory, buf.episode_id),
                 )
@@ -223,18 +223,11 @@ class EpisodeBook:
         return len(left)
 
     def record(
-        self,
-        obs: Observation,
-        reward: float | None,
-        decision: Decision,
-        timing: dict[str, float],
-        model_id: str,
-        model_version: str,
-        seed: int | None = None,
-        task: str | None = None,
-        peer: bytes | None = None,
+        self, request: DecideRequest, reply: DecisionReply, peer: bytes | None = None
     ) -> None:
-        """A decision was sent; `reward` is what the episode's previous decision earned."""
+        """`reply` was sent for `request` (whose reward is what the episode's previous decision
+        earned); `peer` is the connection it came on."""
+        obs, decision = request.observation, reply.decision
         now = time.monotonic()
         ep = self._open.get(obs.episode_id)
         if ep is None:
@@ -243,8 +236,8 @@ class EpisodeBook:
             )
         self._last_seen[obs.episode_id] = now
         ep.decisions += 1
-        ep.seed = ep.seed if seed is None else seed
-        ep.task = ep.task if task is None else task
+        ep.seed = ep.seed if request.seed is None else request.seed
+        ep.task = ep.task if request.task is None else request.task
         skill = decision.sentence
         if skill is not None:
             ep.skills[obs.step] = skill
@@ -252,10 +245,10 @@ class EpisodeBook:
             # the reward belongs to the previous decision; a retried step must not take it
             last = ep.last_step
             previous = last if last is not None and last < obs.step else obs.step - 1
-            if reward is not None and previous in ep.steps:
-                ep.steps[previous].reward = reward
+            if request.reward is not None and previous in ep.steps:
+                ep.steps[previous].reward = request.reward
             ep.steps[obs.step] = Step(
-                obs, decision, time.time(), None, timing, model_id, model_version
+                obs, decision, time.time(), None, reply.timing, reply.model_id, reply.model_version
             )
         ep.last_step = obs.step
         if (len(ep.steps) if self.writer is not None else ep.decisions) >= self.max_steps:

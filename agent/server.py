@@ -26,6 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 from agent import protocol as P
 from agent.backends.base import Backend, BackendError, BadObservation
 from agent.batching import BatchPolicy, CallCost, RobotActivity
+from agent.curve import serve_curve
 from agent.envspec import EnvDescription, ObservationSpec
 from agent.messages import (
     DecideRequest,
@@ -41,6 +42,7 @@ from agent.messages import (
     StatsReply,
 )
 from agent.recording import EpisodeBook, EpisodeWriter
+from agent.reloader import Reloader
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 WRITER_FLUSH_S = 60.0  # on shutdown, answer robots this long at most while recordings flush
@@ -80,55 +82,23 @@ class ServerConfig:
 
 
 @dataclass
+class ServerCounters:
+    requests: int = 0
+    decisions: int = 0
+    errors: int = 0
+    batches: int = 0
+    max_batch_seen: int = 0
+    busy_s: float = 0.0  # the loop's time handling messages and deciding
+    backend_s: float = 0.0  # of which in the backend
+    backend_cpu_s: float = 0.0  # the loop thread's CPU time in the backend
+    refused_messages: int = 0  # over the size limit or a malformed envelope
+
+
+@dataclass
 class _Waiting:
     envelope: list[bytes]
     request: DecideRequest
     received: float  # perf_counter
-
-
-class Reloader:
-    """Polls `backend.load_version()` on its own thread; the loop takes what it loaded.
-
-    Loading and verifying a version (disk, hashes, a warm-up batch) happens
-    here, so robots never wait for it; `take()` hands the newest loaded
-    version to the decision loop, which swaps it in between batches.
-    """
-
-    def __init__(self, backend: Backend, every_s: float) -> None:
-        self.backend = backend
-        self.every_s = every_s
-        self.failures = 0
-        self.last_error: str | None = None
-        self._ready: Any = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reloader", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(30)
-
-    def take(self) -> Any:
-        with self._lock:
-            ready, self._ready = self._ready, None
-        return ready
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                loaded = self.backend.load_version()
-            except Exception as exc:  # a bad version is refused; the served one stays
-                self.failures += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
-                log.warning("new model version refused: %s", self.last_error)
-                continue
-            if loaded is not None:
-                with self._lock:
-                    self._ready = loaded
 
 
 class Server:
@@ -171,17 +141,7 @@ class Server:
         self._rcvtimeo: int | None = None
         self.endpoint: str | None = None
         self._started = time.monotonic()
-        self.counters = {
-            "requests": 0,
-            "decisions": 0,
-            "errors": 0,
-            "batches": 0,
-            "max_batch_seen": 0,
-            "busy_s": 0.0,
-            "backend_s": 0.0,
-            "backend_cpu_s": 0.0,
-            "refused_messages": 0,  # over the size limit or a malformed envelope
-        }
+        self.counters = ServerCounters()
         self._loop_clock: int | None = None  # CPU-time clock of the loop thread
         self._loop_cpu_at_start = 0.0
         every = config.reload_every_s or backend.reload_every_s
@@ -199,7 +159,7 @@ class Server:
         sock.setsockopt(zmq.SNDHWM, 10_000)
         try:
             if self.config.curve_dir is not None:
-                self._enable_curve(sock, Path(self.config.curve_dir))
+                self._auth = serve_curve(self._context, sock, Path(self.config.curve_dir))
             sock.bind(self.config.bind)
             self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         except BaseException:
@@ -208,19 +168,6 @@ class Server:
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
-
-    def _enable_curve(self, sock: zmq.Socket, directory: Path) -> None:
-        from zmq.auth.thread import ThreadAuthenticator
-
-        from agent.curve import authorized_dir, server_keys
-
-        keys = server_keys(directory)
-        self._auth = ThreadAuthenticator(self._context)
-        self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(authorized_dir(directory)))
-        sock.curve_server = True
-        sock.curve_publickey = keys.public
-        sock.curve_secretkey = keys.secret
 
     def stop(self) -> None:
         """Ask the loop to finish in-flight work and shut down (thread- and signal-safe)."""
@@ -259,18 +206,18 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
-        handled = c["requests"] or float("inf")  # per-request figures are 0 before any request
+        handled = c.requests or float("inf")  # per-request figures are 0 before any request
         return {
-            "requests": c["requests"],
-            "decisions": c["decisions"],
-            "errors": c["errors"],
-            "refused_messages": c["refused_messages"],
-            "batches": c["batches"],
-            "max_batch_seen": c["max_batch_seen"],
-            "mean_batch": c["decisions"] / max(1, c["batches"]),
-            "runtime_overhead_us": 1e6 * (c["busy_s"] - c["backend_s"]) / handled,
-            "runtime_cpu_us": 1e6 * (self._loop_cpu_s() - c["backend_cpu_s"]) / handled,
-            "backend_ms_per_batch": 1e3 * c["backend_s"] / max(1, c["batches"]),
+            "requests": c.requests,
+            "decisions": c.decisions,
+            "errors": c.errors,
+            "refused_messages": c.refused_messages,
+            "batches": c.batches,
+            "max_batch_seen": c.max_batch_seen,
+            "mean_batch": c.decisions / max(1, c.batches),
+            "runtime_overhead_us": 1e6 * (c.busy_s - c.backend_s) / handled,
+            "runtime_cpu_us": 1e6 * (self._loop_cpu_s() - c.backend_cpu_s) / handled,
+            "backend_ms_per_batch": 1e3 * c.backend_s / max(1, c.batches),
             "open_episodes": len(self.episodes),
             "closed_episodes": self.episodes.closed,
             "recorded_episodes": self.writer.written if self.writer else 0,
@@ -373,8 +320,8 @@ class Server:
             return [frames[0].bytes]
         if n == 3 and len(frames[1]) == 0:
             return [frames[0].bytes, b""]
-        self.counters["requests"] += 1
-        self.counters["refused_messages"] += 1
+        self.counters.requests += 1
+        self.counters.refused_messages += 1
         if n < 2 or len(frames[0]) > 255:
             return None  # not a routable peer message: nothing to answer
         total = sum(len(f) for f in frames)
@@ -391,7 +338,7 @@ class Server:
     def _handle(self, sock: zmq.Socket, frames: list, waiting: list[_Waiting]) -> None:
         start = time.perf_counter()
         self._handle_message(sock, frames, waiting, start)
-        self.counters["busy_s"] += time.perf_counter() - start
+        self.counters.busy_s += time.perf_counter() - start
 
     def _handle_message(
         self, sock: zmq.Socket, frames: list, waiting: list[_Waiting], start: float
@@ -399,7 +346,7 @@ class Server:
         envelope = [frames[0].bytes] if len(frames) == 2 else self._envelope(sock, frames)
         if envelope is None:
             return
-        self.counters["requests"] += 1
+        self.counters.requests += 1
         payload = frames[-1].buffer
         try:
             request = P.parse_request(payload)
@@ -436,7 +383,7 @@ class Server:
 
     def _error(self, rid: int | None, eid: str | None, code: str, message: str) -> bytes:
         """An error reply; its text is cut to `MAX_ERROR_TEXT` (it may quote robot input)."""
-        self.counters["errors"] += 1
+        self.counters.errors += 1
         return P.encode(ErrorReply(rid, eid, code, message[: P.MAX_ERROR_TEXT]))
 
     def _answer(self, request: Request, envelope: list[bytes]) -> bytes | None:
@@ -494,13 +441,13 @@ class Server:
         cpu_start = time.thread_time()
         results = self._call_backend(observations)
         inference_s = time.perf_counter() - start
-        self.counters["backend_cpu_s"] += time.thread_time() - cpu_start
+        self.counters.backend_cpu_s += time.thread_time() - cpu_start
         self.call_cost.update(inference_s)
         model_id, model_version = self.backend.model_id, self.backend.model_version
         c = self.counters
-        c["batches"] += 1
-        c["backend_s"] += inference_s
-        c["max_batch_seen"] = max(c["max_batch_seen"], len(batch))
+        c.batches += 1
+        c.backend_s += inference_s
+        c.max_batch_seen = max(c.max_batch_seen, len(batch))
         for waiting, result in zip(batch, results, strict=True):
             req = waiting.request
             obs = req.observation
@@ -527,20 +474,10 @@ class Server:
             if isinstance(result, P.ProtocolError):
                 reply = self._error(req.request_id, obs.episode_id, result.code, result.message)
             else:
-                c["decisions"] += 1
-                self.episodes.record(
-                    obs,
-                    req.reward,
-                    result,
-                    timing,
-                    model_id,
-                    version,
-                    req.seed,
-                    req.task,
-                    waiting.envelope[0],
-                )
+                c.decisions += 1
+                self.episodes.record(req, answer, waiting.envelope[0])
             _send(sock, waiting.envelope, reply)
-        c["busy_s"] += time.perf_counter() - start
+        c.busy_s += time.perf_counter() - start
 
     def _call_backend(self, batch: list[Observation]) -> list[Decision | P.ProtocolError]:
         """Decide a batch. A BackendError in a decision's place fails that robot only;
@@ -624,7 +561,7 @@ class Server:
     def _refuse(self, sock: zmq.Socket, frames: list) -> None:
         envelope = self._envelope(sock, frames)
         if envelope is not None:
-            self.counters["requests"] += 1
+            self.counters.requests += 1
             reply = self._error_reply(frames[-1].buffer, P.SHUTTING_DOWN, "server is shutting down")
             _send(sock, envelope, reply)
 

@@ -1,10 +1,12 @@
 """Episode files: one Parquet file per finished episode; the format, atomic writes, readers.
 
-A leaf module (pyarrow, numpy and the wire types only), shared by the
-server's recorder (`agent.recording`, which writes) and the trainer (which
-reads with `iter_episodes` or, as episodes keep arriving, `follow`). Files are
-written to `DIR/.tmp/`, fsynced and renamed into `DIR`, so a reader sees a
-whole episode or none of it, even after SIGKILL. Never pickled. Format:
+A leaf module (pyarrow, numpy, the wire types and `agent.files`), shared by
+the server's recorder (`agent.recording`, which writes with `episode_table`)
+and the learners and exporter (which read with `iter_episodes` or, as
+episodes keep arriving, `follow`, and get the recorded steps back with
+`Episode.steps()`, the inverse of `episode_table`). Files are written to
+`DIR/.tmp/`, fsynced and renamed into `DIR`, so a reader sees a whole
+episode or none of it, even after SIGKILL. Never pickled. Format:
 docs/episodes.md.
 """
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from agent.messages import Decision, Observation
+from agent.files import write_atomically
+from agent.messages import Decision, Observation, TeacherLabel
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -155,26 +157,13 @@ def episode_table(steps: Sequence[Step], summary: dict[str, Any]) -> pa.Table:
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
 
 
-def write_atomically(table: pa.Table, path: Path) -> None:
-    """Write `table` to `path` so that readers never see a partial file."""
-    tmp_dir = path.parent / TMP_DIRNAME
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def write_episode(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` (through `DIR/.tmp/`) so that readers never see a partial file."""
+    write_atomically(
+        path,
+        lambda tmp: pq.write_table(table, tmp, compression="zstd"),
+        tmp_dir=path.parent / TMP_DIRNAME,
+    )
 
 
 def remove_stale_tmp(directory: Path) -> None:
@@ -233,9 +222,7 @@ class Episode:
             match = next((im for im in step_images if im["name"] == name), None)
             if match is None:
                 raise KeyError(f"episode {self.episode_id} has a step without image {name!r}")
-            frames.append(
-                np.frombuffer(match["data"], np.uint8).reshape(match["height"], match["width"], 3)
-            )
+            frames.append(_image(match, self.path))
         return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
 
     def actions(self) -> np.ndarray:
@@ -252,6 +239,91 @@ class Episode:
     def rewards(self) -> np.ndarray:
         """(T,) float32 rewards; NaN where the robot never reported one."""
         return np.array([np.nan if v is None else v for v in self.column("reward")], np.float32)
+
+    def steps(self) -> list[Step]:
+        """The recorded steps as they were written (the inverse of `episode_table`).
+
+        Each observation's `history` is rebuilt as the server filled it: the
+        skills executed before it in this episode (a point decision's skill is
+        its `move_to_pixel` sentence). The robot's SIM-ONLY state is never
+        recorded, so `sim` is None. EpisodeError for a row that cannot be one.
+        """
+        cols = self.table.to_pydict()
+        history: list[str] = []
+        steps = []
+        for t in range(len(self)):
+            row = {name: values[t] for name, values in cols.items()}
+            state = row["state"]
+            obs = Observation(
+                row["robot_id"] or "",
+                row["episode_id"] or self.episode_id,
+                row["step"] if row["step"] is not None else t,
+                row["instruction"] or "",
+                {im["name"]: _image(im, self.path) for im in row["images"] or []},
+                None if state is None else np.asarray(state, np.float32),
+                list(row["options"] or []),
+                history=list(history),
+            )
+            decision = _decision(row)
+            steps.append(
+                Step(
+                    obs,
+                    decision,
+                    row["time"],
+                    row["reward"],
+                    {
+                        k: row[k]
+                        for k in ("queue_ms", "inference_ms", "batch_size")
+                        if row[k] is not None
+                    },
+                    row["model_id"] or "",
+                    row["model_version"] or "",
+                )
+            )
+            if decision.sentence is not None:
+                history.append(decision.sentence)
+        return steps
+
+
+def _image(struct: dict[str, Any], path: Path) -> np.ndarray:
+    """A recorded frame (its Arrow struct) as an (H, W, 3) uint8 array: the one image decoder."""
+    data, height, width = struct.get("data"), struct.get("height"), struct.get("width")
+    if not isinstance(data, bytes) or not isinstance(height, int) or not isinstance(width, int):
+        raise EpisodeError(f"{path}: an image of the episode is incomplete")
+    if height <= 0 or width <= 0 or len(data) != height * width * 3:
+        raise EpisodeError(
+            f"{path}: image {struct.get('name')!r} claims {height}x{width}x3 but holds "
+            f"{len(data)} bytes"
+        )
+    return np.frombuffer(data, np.uint8).reshape(height, width, 3)
+
+
+def _floats_or_none(values: Any) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, np.float32)
+
+
+def _decision(row: dict[str, Any]) -> Decision:
+    """A recorded row's decision, with its teacher label where the row has one."""
+    teacher = None
+    if row["teacher_skill_index"] is not None or row["teacher_action"] is not None:
+        label = Decision(
+            action=_floats_or_none(row["teacher_action"]),
+            skill_index=row["teacher_skill_index"],
+            skill=row["teacher_skill"],
+        )
+        teacher = TeacherLabel(label, row["teacher_model"] or "")
+    point = row["point"]
+    return Decision(
+        action=_floats_or_none(row["action"]),
+        skill_index=row["skill_index"],
+        skill=row["skill"],
+        point=None if point is None else (float(point[0]), float(point[1])),
+        reasoning=row["reasoning"],
+        decided_by=row["decided_by"],
+        confidence=row["confidence"],
+        teacher=teacher,
+        model_version=row["model_version"],
+    )
 
 
 def read_episode(path: str | Path) -> Episode:

@@ -113,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         args.round_steps = min(args.round_steps, 20)
         args.tasks = "tabletop/PickPlace-v0"
     tasks = tuple(args.tasks.split(","))
-    os.environ.setdefault("MUJOCO_GL", "egl")
     started = time.monotonic()
     out = args.out
     data = out / "data"
@@ -173,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             if ckpt == first:
                 ckpt = out / "ckpt" / "continued"
                 shutil.copytree(first, ckpt)
-            summary = train(data, ckpt, args.ranks, "ma", args.round_steps, [], fresh=False)
+            until = summary["steps"] + args.round_steps  # --max-steps counts from the first step
+            summary = train(data, ckpt, args.ranks, "ma", until, [], fresh=False)
         else:  # DAgger proper: a new student, from scratch, on everything labelled so far
             ckpt = out / "ckpt" / f"round{round_ + 1}"
             summary = train(data, ckpt, args.ranks, "ma", args.steps, [])

@@ -60,13 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="closed-loop processes")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    os.environ.setdefault("MUJOCO_GL", "egl")
     import torch
 
-    from export.edge import OnnxPolicyRunner
+    from agent.student.inference import TorchStudent
+    from agent.student.onnx import OnnxRunner
     from export.onnx_export import export_checkpoint, recorded_inputs
-    from trainer.features import Featuriser
-    from trainer.student import StudentPolicy
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="edge-bench-"))
@@ -75,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint, fp32, episodes=args.episodes, int8=True, calibrate=args.episodes
     )
     int8 = fp32.with_suffix(".int8.onnx")
-    student = StudentPolicy(args.checkpoint, threads=1)
-    arrays = recorded_inputs(args.episodes, Featuriser(student.version.features))
-    runners = {"ort_fp32": OnnxPolicyRunner(fp32)}
+    student = TorchStudent.load(args.checkpoint, threads=1)
+    arrays = recorded_inputs(args.episodes, student.featuriser)
+    runners = {"ort_fp32": OnnxRunner(fp32)}
     if report.int8 and report.int8["written"]:
-        runners["ort_int8"] = OnnxPolicyRunner(int8)
+        runners["ort_int8"] = OnnxRunner(int8)
 
     def torch_call(batch):
         inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
@@ -184,18 +182,17 @@ def main(argv: list[str] | None = None) -> int:
 def closed_loop(job: tuple[str, str, str, int]) -> list[int]:
     """The held-out seeds one policy fails on one task (run in a worker process)."""
     name, model, env_id, seeds = job
-    os.environ.setdefault("MUJOCO_GL", "egl")
     import envs
-    from envs.rollout import run_episode
+    from envs.rollout import LocalPolicy, run_episode
 
     if name == "torch_eager":
-        from trainer.student import StudentPolicy
+        from agent.student.inference import TorchStudent
 
-        policy = StudentPolicy(Path(model), threads=1)
+        policy = LocalPolicy(TorchStudent.load(Path(model), threads=1), "policy")
     else:
-        from export.edge import EdgePolicy
+        from agent.student.onnx import OnnxRunner
 
-        policy = EdgePolicy(Path(model))
+        policy = LocalPolicy(OnnxRunner(Path(model)), "onnx")
     env = envs.make_skill_env(env_id)
     try:
         runs = [run_episode(env, policy, EVAL_SEED + k) for k in range(seeds)]

@@ -13,13 +13,12 @@ import json
 import os
 import time
 
-os.environ.setdefault("MUJOCO_GL", "egl")
+import envs  # first: it sets the offscreen rendering default before MuJoCo loads
 
+# isort: split
 import gymnasium as gym
 import mujoco
 import numpy as np
-
-import envs
 
 
 def raw_seconds(model: mujoco.MjModel, data: mujoco.MjData, steps: int) -> float:

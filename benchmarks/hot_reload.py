@@ -7,7 +7,7 @@
 one DEALER socket and one request in flight each, recorded PickPlace
 observations: 224x224 image, state, instruction, menu). First a phase with
 no new versions, then a phase in which a publisher puts 50 versions into
-CKPT (`trainer.checkpoint.publish`) and, in the middle, three corrupt ones
+CKPT (`agent.student.checkpoint.publish`) and, in the middle, three corrupt ones
 (a weights file that does not match its hash, tensors of the wrong shapes
 with a matching hash, a truncated weights file with a matching hash).
 Reports lost, failed and mismatched replies (goal: none), p50/p99 latency
@@ -133,10 +133,12 @@ def corrupt(root: Path, model, kind: str) -> str:
     """A corrupt version, put into place the way `publish` would put a good one."""
     from safetensors.torch import load_file, save_file
 
-    from trainer import checkpoint as ckpt
+    from agent import versions
+    from agent.files import sha256
+    from agent.student import checkpoint as ckpt
 
     staging = Path(tempfile.mkdtemp(dir=root.parent))
-    for name in ckpt.version_names(root)[-1:]:
+    for name in versions.version_names(root)[-1:]:
         shutil.copytree(root / name, staging / name)
     version = ckpt.publish(staging, model, step=0, watermark={}, metrics={"corrupt": kind})
     weights = version / ckpt.WEIGHTS
@@ -152,15 +154,15 @@ def corrupt(root: Path, model, kind: str) -> str:
             save_file(tensors, str(weights))
         else:  # truncated
             weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-        manifest = json.loads((version / ckpt.MANIFEST).read_text())
-        manifest["files"][ckpt.WEIGHTS] = ckpt.sha256(weights)
-        (version / ckpt.MANIFEST).write_text(json.dumps(manifest))
+        manifest = json.loads((version / versions.MANIFEST).read_text())
+        manifest["files"][ckpt.WEIGHTS] = sha256(weights)
+        (version / versions.MANIFEST).write_text(json.dumps(manifest))
     target = root / version.name
     os.replace(version, target)
-    pointer = root / ckpt.TMP / "LATEST.corrupt"
+    pointer = root / versions.TMP / "LATEST.corrupt"
     pointer.parent.mkdir(exist_ok=True)
     pointer.write_text(version.name + "\n")
-    os.replace(pointer, root / ckpt.LATEST)
+    os.replace(pointer, root / versions.LATEST)
     shutil.rmtree(staging, ignore_errors=True)
     return version.name
 
@@ -170,7 +172,7 @@ def publisher(
 ) -> None:
     import torch
 
-    from trainer import checkpoint as ckpt
+    from agent.student import checkpoint as ckpt
 
     good, bad = [], []
     for i in range(versions):
@@ -227,18 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from agent.store import iter_episodes
-    from trainer import checkpoint as ckpt
-    from trainer.data import samples
-    from trainer.features import fit_config
-    from trainer.model import Student
+    from agent.student import checkpoint as ckpt
+    from agent.student.features import fit_config
+    from agent.student.modeling import Student
 
-    os.environ.setdefault("MUJOCO_GL", "egl")
     torch.set_num_threads(1)
     seconds = args.seconds or (args.versions + 3) * args.every_s + 3
     with tempfile.TemporaryDirectory(prefix="hot-reload-") as work:
         work_path = Path(work)
         episodes = observations_file(work_path)
-        obs = [s.observation for e in iter_episodes(episodes) for s in samples(e)]
+        obs = [s.observation for e in iter_episodes(episodes) for s in e.steps()]
         model = Student(fit_config(obs))
         root = work_path / "ckpt"
         ckpt.publish(root, model, step=0, watermark={}, metrics={})

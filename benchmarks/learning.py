@@ -75,8 +75,8 @@ def subset(episodes: Path, out: Path, size: int) -> int:
 def train(
     data: Path, ckpt: Path, ranks: int, sync: str, steps: int, extra: list[str], fresh: bool = True
 ) -> dict:
-    """`steps` training steps on `data` into `ckpt`: from scratch, or (fresh=False) continuing
-    from its last version."""
+    """Train on `data` into `ckpt` until step `steps`: from scratch, or (fresh=False) continuing
+    from its last version (its optimizer and step too: `steps` counts from the first step)."""
     if fresh:
         shutil.rmtree(ckpt, ignore_errors=True)
     cmd = trainer_command(
@@ -133,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         args.tasks = "tabletop/PickPlace-v0,tabletop/Push-v0"
     sizes = sorted(int(s) for s in args.sizes.split(","))
     tasks = tuple(args.tasks.split(","))
-    os.environ.setdefault("MUJOCO_GL", "egl")
     started = time.monotonic()
     out = args.out
     episodes = out / "episodes"

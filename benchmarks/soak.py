@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ import numpy as np
 import zmq
 
 from agent import protocol as P
+from agent.launch import free_port
 from agent.messages import DecideRequest, DecisionReply, Observation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +33,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port: int) -> subprocess.Popen:
@@ -171,5 +164,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("MUJOCO_GL", "egl")
     sys.exit(main())

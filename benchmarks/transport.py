@@ -66,12 +66,6 @@ def payload() -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------- servers (own process)
 
 
@@ -247,6 +241,8 @@ def wait_ready(system: str, address: str, proc: subprocess.Popen) -> None:
 
 def measure(system: str, clients: int, seconds: float, args: argparse.Namespace) -> dict:
     """One server process, `clients` robot processes for `seconds`; rates and latencies."""
+    from agent.launch import free_port  # here: this file also runs in openpi's venv
+
     port = free_port()
     python = str(args.openpi_python) if system == "openpi" else sys.executable
     address = f"127.0.0.1:{port}" if system == "openpi" else f"tcp://127.0.0.1:{port}"

@@ -1,12 +1,19 @@
 """Gymnasium + MuJoCo tabletop robot suite with language skills and a scripted oracle.
 
 Importing this package registers the `tabletop/*-v0` ids (string entry points:
-MuJoCo is imported only when an env is made).
+MuJoCo is imported only when an env is made) and makes offscreen EGL rendering
+the default (`MUJOCO_GL`), once for the whole project.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# The one default of the project: render offscreen (EGL) unless the user chose a
+# backend. Set before anything can import MuJoCo: every simulator import goes
+# through this package (`envs.tabletop`, the rollout loop, the plugin).
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 import gymnasium as gym
 
@@ -31,9 +38,10 @@ for _env_id, _task in ENV_IDS.items():
         )
 
 
-def make_skill_env(env_id: str, **kwargs: Any) -> SkillEnv:
-    """`gym.make(env_id, **kwargs)` wrapped in the language-skill layer."""
-    return SkillEnv(gym.make(env_id, **kwargs))
+def make_skill_env(env_id: str, max_skills: int = 40, **kwargs: Any) -> SkillEnv:
+    """`gym.make(env_id, **kwargs)` wrapped in the language-skill layer; an episode is
+    truncated after `max_skills` skills (see `SkillEnv`)."""
+    return SkillEnv(gym.make(env_id, **kwargs), max_skills=max_skills)
 
 
 __all__ = ["ENV_IDS", "MAX_OPTIONS", "SkillEnv", "make_skill_env"]

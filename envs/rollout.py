@@ -1,10 +1,11 @@
 """The one rollout loop: any `Policy` drives any gymnasium env for an episode.
 
 Policies are the runtime over ZeroMQ (`envs.plugin.RemotePolicy`), the oracle
-run locally (`envs.oracle.OraclePolicy`), the trained student in process
-(`trainer.student.StudentPolicy`) and the ONNX edge policy
-(`export.edge.EdgePolicy`); all of them are driven by `run_episode`, and every
-decision is carried out by `execute`:
+run locally (`envs.oracle.OraclePolicy`) and `LocalPolicy`, which runs any
+batch decider in this process (a backend, the torch student
+`agent.student.inference.TorchStudent`, the ONNX runner
+`agent.student.onnx.OnnxRunner` on an edge robot); all of them are driven by
+`run_episode`, and every decision is carried out by `execute`:
 
 * on a skill env (`envs.skill_env.SkillChoiceEnv`) a decision's skill index
   (or image point) is executed;
@@ -19,16 +20,24 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
 
-from agent.messages import Decision
+from agent.messages import Decision, Observation
 from envs.skill_env import SkillChoiceEnv
 
 IMAGE_KEYS = ("image", "wrist_image")
+
+
+class BatchDecider(Protocol):
+    """Anything that decides a batch of observations: a backend, the torch student, the ONNX
+    runner. An exception in a decision's place (a backend's `BackendError`) is raised."""
+
+    def decide(self, observations: Sequence[Observation]) -> Sequence[Decision | Exception]: ...
 
 
 class Policy(Protocol):
@@ -87,6 +96,54 @@ def observation_fields(obs: Any, info: dict[str, Any]) -> dict[str, Any]:
             "options": list(info.get("options", [])),
         }
     return {"state": np.asarray(obs, np.float32).ravel(), "instruction": "", "options": []}
+
+
+class LocalPolicy:
+    """A batch decider as a rollout-loop `Policy`, in this process: no server.
+
+    Each step becomes an `Observation` (with the episode's history, as the
+    server would fill it) decided alone; `decided_by` names the decider in the
+    result where it leaves it empty. `model_version` is the decider's, read at
+    every step (a backend that hot-reloads changes it).
+    """
+
+    def __init__(self, decider: BatchDecider, decided_by: str, robot_id: str = "local") -> None:
+        self.decider = decider
+        self.decided_by = decided_by
+        self.robot_id = robot_id
+        self.episode_id = ""
+
+    @property
+    def model_version(self) -> str | None:
+        return getattr(self.decider, "model_version", None)
+
+    def start_episode(self, env: gym.Env, episode_id: str, seed: int | None) -> None:
+        self.episode_id = episode_id
+
+    def decide(
+        self,
+        env: gym.Env,
+        obs: Any,
+        info: dict[str, Any],
+        *,
+        reward: float | None,
+        history: list[str],
+    ) -> Decision:
+        observation = Observation(
+            self.robot_id,
+            self.episode_id,
+            len(history),
+            **observation_fields(obs, info),
+            history=history,
+        )
+        (decision,) = self.decider.decide([observation])
+        if isinstance(decision, Exception):
+            raise decision
+        decision.decided_by = decision.decided_by or self.decided_by
+        return decision
+
+    def end_episode(self, **_: Any) -> None:
+        pass
 
 
 def execute(env: gym.Env, decision: Decision) -> tuple[Any, float, bool, bool, dict[str, Any]]:

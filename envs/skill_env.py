@@ -55,7 +55,14 @@ class SkillChoiceEnv(Protocol):
 
 
 class SkillEnv(gym.Wrapper):
-    """Discrete(MAX_OPTIONS) over the current skill menu of a `SkillExecutor` env."""
+    """Discrete(MAX_OPTIONS) over the current skill menu of a `SkillExecutor` env.
+
+    How an episode ends: `terminated` when the task succeeds, `truncated` after
+    `max_skills` skill steps (default 40). A skill runs on the unwrapped
+    executor (at most 80 low-level steps each), so the registered id's
+    `TimeLimit` (its `max_episode_steps`, counted in low-level steps) bounds
+    low-level control only and never a skill episode.
+    """
 
     def __init__(self, env: gym.Env, max_skills: int = 40) -> None:
         super().__init__(env)

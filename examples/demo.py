@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -216,7 +215,7 @@ class Servers:
                 self.episodes[key] = max(self.episodes.get(key, 0), int(closed))
 
     def _watch(self) -> None:
-        from trainer.checkpoint import latest_name
+        from agent.versions import latest_name
 
         while not self.finished.wait(1.0):
             with self.lock:
@@ -287,7 +286,7 @@ def wait_for(trainer: subprocess.Popen, ends: float, ckpt: Path) -> str:
     """The trainer's stdout once it ends, with a bar over what is left of its time budget."""
     from tqdm import tqdm
 
-    from trainer.checkpoint import latest_name
+    from agent.versions import latest_name
 
     total = max(1, round(ends - time.monotonic()))
     with tqdm(total=total, unit="s", leave=False, file=sys.stdout, disable=None) as bar:
@@ -345,11 +344,11 @@ def learning_curve(ckpt: Path, oracle: dict, student: dict, edge_success: dict, 
 def contact_sheet(ckpt: Path, tasks: tuple[str, ...], path: Path) -> None:
     """One student episode per task, frame by frame with the skill it chose."""
     import envs
+    from agent.student.inference import TorchStudent
     from envs.contact_sheet import render_sheet, write_png
-    from envs.rollout import run_episode
-    from trainer.student import StudentPolicy
+    from envs.rollout import LocalPolicy, run_episode
 
-    policy = StudentPolicy(ckpt)
+    policy = LocalPolicy(TorchStudent.load(ckpt), "policy")
     logs = []
     for env_id in tasks:
         env = envs.make_skill_env(env_id)
@@ -370,7 +369,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick and args.tasks == ",".join(TASKS)
         else tuple(args.tasks.split(","))
     )
-    os.environ.setdefault("MUJOCO_GL", "egl")
     out = args.out
     shutil.rmtree(out, ignore_errors=True)
     episodes, ckpt, logs = out / "episodes", out / "ckpt", out / "logs"
@@ -411,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         with Stage(
             2, "learn", "horovodrun -np 2 python -m trainer --follow --sync ma (ShadowSync)"
         ) as st:
-            from trainer.checkpoint import latest_name
+            from agent.versions import latest_name
 
             deadline = time.monotonic() + 60 * s.train_minutes + 120
             while latest_name(ckpt) is None:
@@ -503,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
 def report_all(
     out, ckpt, tasks, oracle, student, edge_runs, dagger, summary, recorded, started
 ) -> dict:
-    from trainer.checkpoint import latest_name
+    from agent.versions import latest_name
 
     o, st, e = success_map(oracle), success_map(student), success_map(edge_runs)
     esc = {short(t): r["escalation_rate"] for t, r in dagger.items()}

@@ -4,7 +4,7 @@
         --episodes 20 --seed 1000000 --json
 
 Runs the episodes through the one rollout loop (`envs.rollout.run_episode`)
-with `export.edge.EdgePolicy`, prints a line per episode and a summary, and
+with the ONNX runner (`agent.student.onnx.OnnxRunner` as a `LocalPolicy`), prints a line per episode and a summary, and
 with `--json` one JSON object as the last line, with the keys of
 `examples/robot_loop.py` (success_rate, episodes, decisions, p50_ms, p99_ms,
 decisions_per_s, decided_by, escalation_rate, model_versions, failed_seeds)
@@ -48,18 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtra as exc:
         print(f"edge robot: {exc}", file=sys.stderr)
         return 2
-    from envs.rollout import run_episode
-    from export.edge import EdgeError, EdgePolicy
+    from agent.student.onnx import EdgeError, OnnxRunner
+    from envs.rollout import LocalPolicy, run_episode
 
     try:
-        policy = EdgePolicy(args.model, args.providers.split(","), args.threads)
+        runner = OnnxRunner(args.model, args.providers.split(","), args.threads)
     except EdgeError as exc:
         print(f"edge robot: {exc}", file=sys.stderr)
         return 2
+    policy = LocalPolicy(runner, "onnx", robot_id="edge")
     env = make_env(args.env)
     print(
         f"edge robot: {args.env}, student {policy.model_version} from {args.model} "
-        f"on {policy.runner.providers}",
+        f"on {runner.providers}",
         flush=True,
     )
     results = []
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     env.close()
-    summary = {**summarise(results), "providers": policy.runner.providers}
+    summary = {**summarise(results), "providers": runner.providers}
     rate = summary["success_rate"]
     print(
         f"success rate {'n/a' if rate is None else f'{rate:.0%}'} over {summary['episodes']} episodes · "

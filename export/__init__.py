@@ -1,2 +1,5 @@
-"""ONNX export of the student (`export.onnx_export`, needs torch) and the torch-free edge runner
-(`export.edge`: onnxruntime, numpy and the featuriser). See docs/export.md."""
+"""ONNX export of a published student (`export.onnx_export`, `python -m export`; needs torch).
+
+Running the exported file (on a robot, or `agent serve --backend onnx`) is the
+student contract's torch-free `agent.student.onnx.OnnxRunner`. See docs/export.md.
+"""

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtra as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2
+    from agent.student.checkpoint import CheckpointError
     from export.onnx_export import ExportError, export_checkpoint, report_json
-    from trainer.checkpoint import CheckpointError
 
     try:
         report = export_checkpoint(

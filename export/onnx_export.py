@@ -9,8 +9,8 @@
   image normalisation are inside it. torch's current exporter
   (`torch.onnx.export(..., dynamo=True)`) with dynamic shapes.
 * Self-contained: the featuriser's configuration, the model version and the
-  sha256 of the checkpoint's weights go into the ONNX metadata, so an edge
-  robot needs this one file (`export.edge` reads them back).
+  sha256 of the version's weights go into the ONNX metadata, so an edge
+  robot needs this one file (`agent.student.onnx.OnnxRunner` reads them back).
 * Parity gate: onnxruntime against torch on random inputs of several batch
   sizes and on recorded observations: the largest score difference must be
   <= 1e-4 and every recorded observation must get the same option. A model
@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -36,8 +35,19 @@ from typing import Any
 
 import numpy as np
 
-from export.edge import META_FEATURES, META_MODEL, META_OUTPUTS, META_SOURCE, META_VERSION
-from trainer.features import Featuriser
+from agent.files import move_into_place, sha256
+from agent.student import checkpoint
+from agent.student.features import Featuriser
+from agent.student.onnx import (
+    META_FEATURES,
+    META_MODEL,
+    META_OUTPUTS,
+    META_SOURCE,
+    META_VERSION,
+)
+from agent.student.onnx import (
+    session as ort_session,
+)
 
 TOLERANCE = 1e-4
 INT8_AGREEMENT = 0.99
@@ -125,17 +135,23 @@ def random_inputs(
 def recorded_inputs(
     directory: str | Path | None, featuriser: Featuriser, limit: int = 512
 ) -> dict[str, np.ndarray] | None:
-    """Featuriser arrays of recorded steps under `directory` (None without one)."""
+    """Featuriser arrays of recorded observations under `directory` (None without one).
+
+    Observations the student cannot take (another env's state size, say) are passed over.
+    """
     if directory is None:
         return None
     from agent.store import iter_episodes
-    from trainer.data import samples
 
     rows = []
     for episode in iter_episodes(directory, on_error=lambda path, exc: None):
-        for sample in samples(episode):
+        try:
+            steps = episode.steps()
+        except ValueError:
+            continue
+        for step in steps:
             try:
-                rows.append(featuriser.one(sample.observation))
+                rows.append(featuriser.one(step.observation))
             except ValueError:
                 continue
             if len(rows) >= limit:
@@ -153,15 +169,6 @@ def torch_scores(model: Any, arrays: dict[str, np.ndarray]) -> np.ndarray:
     with torch.inference_mode():
         scores, _ = model(**{k: torch.from_numpy(v) for k, v in arrays.items()})
     return scores.numpy()
-
-
-def _session(path: Path, threads: int = 1) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def ort_scores(session: Any, arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -248,16 +255,6 @@ def _add_metadata(path: Path, meta: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def _write_atomically(source: Path, target: Path) -> None:
-    fd = os.open(source, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(source, target)
-
-
 def export(
     model: Any,
     out: str | Path,
@@ -266,13 +263,14 @@ def export(
     source_sha256: str,
     recorded: dict[str, np.ndarray] | None = None,
 ) -> Report:
-    """Export `model` (a trainer.model.Student) to `out` if it passes the parity gate."""
+    """Export `model` (an `agent.student.modeling.Student`) to `out` if it passes the parity gate."""
     started = time.perf_counter()
     model = model.eval()
     featuriser = Featuriser(model.features)
     out = Path(out)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as work:
-        raw = Path(work) / "policy.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+        raw = Path(work) / "graph.onnx"
         exporter = _export_graph(model, featuriser, raw)
         _add_metadata(
             raw,
@@ -286,9 +284,9 @@ def export(
                 ),
             },
         )
-        parity = check_parity(model, _session(raw), featuriser, recorded)
+        parity = check_parity(model, ort_session(raw), featuriser, recorded)
         size = raw.stat().st_size
-        _write_atomically(raw, out)
+        move_into_place(raw, out)
     return Report(str(out), exporter, size, parity, version, seconds=time.perf_counter() - started)
 
 
@@ -324,7 +322,8 @@ def quantize(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = Path(out)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as work:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
         prepared, raw = Path(work) / "prepared.onnx", Path(work) / "int8.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         with _quiet(None):  # per weight: "axis 1 out of range" where 1-D weights go per-tensor
@@ -343,7 +342,7 @@ def quantize(
                 calibrate_method=CalibrationMethod.MinMax,
             )
         _add_metadata(raw, _metadata_of(Path(fp32)))
-        full, small = _session(Path(fp32)), _session(raw)
+        full, small = ort_session(fp32), ort_session(raw)
         agreement = float(
             np.mean(
                 ort_scores(full, calibration).argmax(-1)
@@ -362,7 +361,7 @@ def quantize(
             "written": agreement >= INT8_AGREEMENT,
         }
         if report["written"]:
-            _write_atomically(raw, out)
+            move_into_place(raw, out)
     return report
 
 
@@ -373,7 +372,7 @@ def _metadata_of(path: Path) -> dict[str, str]:
 
 
 def export_checkpoint(
-    checkpoint: str | Path,
+    checkpoint_path: str | Path,
     out: str | Path,
     *,
     episodes: str | Path | None = None,
@@ -381,16 +380,14 @@ def export_checkpoint(
     calibrate: str | Path | None = None,
 ) -> Report:
     """`python -m export`: a published version (or CKPT/LATEST) to `out` (and `out`.int8.onnx)."""
-    from trainer.checkpoint import WEIGHTS, load
-
-    model, version = load(checkpoint)
+    model, version = checkpoint.load(checkpoint_path)
     featuriser = Featuriser(version.features)
     recorded = recorded_inputs(episodes or calibrate, featuriser)
     report = export(
         model,
         out,
         version=version.name,
-        source_sha256=version.manifest["files"][WEIGHTS],
+        source_sha256=version.manifest["files"][checkpoint.WEIGHTS],
         recorded=recorded,
     )
     if int8:
@@ -402,15 +399,14 @@ def export_checkpoint(
     return report
 
 
-def export_version_dir(model: Any, directory: Path) -> None:
-    """The trainer's `--export-onnx`: `policy.onnx` inside a version being published."""
-    from trainer.checkpoint import WEIGHTS, sha256
-
+def add_to_version(directory: Path, version: str, model: Any) -> None:
+    """The trainer's `--export-onnx` (registered as the `onnx` entry point of
+    `embodied_agent.version_files`): `policy.onnx` inside a version being published."""
     export(
         model,
-        directory / "policy.onnx",
-        version=directory.name.split(".")[0],
-        source_sha256=sha256(directory / WEIGHTS),
+        directory / checkpoint.ONNX,
+        version=version,
+        source_sha256=sha256(directory / checkpoint.WEIGHTS),
     )
 
 

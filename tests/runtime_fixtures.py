@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,12 +21,6 @@ from agent.server import Server, ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_ENV = EnvInfo(env_id="test/Null-v0", action_shape=(4,))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def running_server(
@@ -66,9 +58,8 @@ def serve_subprocess(port: int, *args: str) -> subprocess.Popen:
     """`agent serve` as a real process (stdout/stderr to a pipe)."""
     agent = Path(sys.executable).with_name("agent")
     cmd = [str(agent), "serve", "--bind", f"tcp://127.0.0.1:{port}", "--quiet", *args]
-    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 

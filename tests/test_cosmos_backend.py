@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from runtime_fixtures import ROOT, free_port, serve_subprocess, stop_process, wait_ready
+from runtime_fixtures import ROOT, serve_subprocess, stop_process, wait_ready
 
 import envs
 from agent.backends import BackendError, EnvInfo, load_backend
@@ -27,6 +27,7 @@ from agent.backends.tiny_vlm import save_tiny_vlm
 from agent.backends.vlm_loading import has_video_support
 from agent.client import AgentClient
 from agent.envspec import describe_env
+from agent.launch import free_port
 from agent.messages import Observation
 from agent.server import Server, ServerConfig
 from agent.store import iter_episodes

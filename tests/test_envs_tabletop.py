@@ -70,6 +70,39 @@ def test_pick_place_oracle_episode_through_skill_env():
     assert info["skill"] == log.skills[0] and 0 < info["low_level_steps"] <= 80
 
 
+class Wanderer:
+    """Moves between cubes forever: a skill episode that never succeeds."""
+
+    model_version = "0"
+
+    def start_episode(self, env, episode_id, seed):
+        pass
+
+    def decide(self, env, obs, info, *, reward, history):
+        from agent.messages import Decision
+
+        moves = [i for i, o in enumerate(info["options"]) if o.startswith("move above")]
+        last = history[-1] if history else None
+        pick = next(i for i in moves if info["options"][i] != last)
+        return Decision(skill_index=pick, skill=info["options"][pick])
+
+    def end_episode(self, **_):
+        pass
+
+
+def test_a_skill_episode_ends_after_max_skills_not_at_the_low_level_time_limit():
+    """Skills run on the unwrapped executor: the registered TimeLimit (300 low-level steps
+    for PickPlace) never ends a skill episode; `max_skills` does, as truncation."""
+    limit = gym.spec("tabletop/PickPlace-v0").max_episode_steps
+    env = envs.make_skill_env("tabletop/PickPlace-v0", images=False)
+    result = run_episode(env, Wanderer(), seed=0)
+    assert result.truncated and not result.terminated and result.success is False
+    assert result.decisions == 40 and result.low_level_steps > limit
+    short = run_episode(envs.make_skill_env("tabletop/PickPlace-v0", max_skills=5, images=False),
+                        Wanderer(), seed=0)  # fmt: skip
+    assert short.truncated and short.decisions == 5
+
+
 def test_skill_env_rejects_an_index_outside_the_menu():
     env = envs.make_skill_env("tabletop/PickPlace-v0", images=False)
     _, info = env.reset(seed=1)

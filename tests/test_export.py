@@ -9,15 +9,16 @@ import numpy as np
 import onnx
 import pytest
 
+from agent import versions
 from agent.backends import EnvInfo, load_backend
 from agent.launch import last_json, run_robots, serving
 from agent.store import iter_episodes
-from envs.rollout import run_episode
+from agent.student import checkpoint as ckpt
+from agent.student.features import Featuriser
+from agent.student.inference import TorchStudent
+from agent.student.onnx import OnnxRunner
+from envs.rollout import LocalPolicy, run_episode
 from export import onnx_export
-from export.edge import EdgePolicy, OnnxPolicyRunner
-from trainer import checkpoint as ckpt
-from trainer.features import Featuriser
-from trainer.student import StudentPolicy
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,10 +38,10 @@ def test_export_passes_the_parity_gate_and_carries_its_metadata(exported, traine
     assert report.parity.random_batches == [1, 3, 16]
     assert report.parity.recorded > 20 and report.parity.recorded_agreement == 1.0
     assert "dynamo=True" in report.exporter
-    version = ckpt.read_version(trained)
-    runner = OnnxPolicyRunner(path)
+    version = ckpt.read(trained)
+    runner = OnnxRunner(path)
     assert runner.featuriser.config == version.features  # the one file is enough
-    assert runner.version == version.name
+    assert runner.model_version == version.name
     assert runner.source_sha256 == version.manifest["files"][ckpt.WEIGHTS]
     graph = onnx.load(str(path))
     assert [i.name for i in graph.graph.input] == list(Featuriser(version.features).input_names)
@@ -71,7 +72,7 @@ def test_the_gate_refuses_a_tampered_graph_and_writes_nothing(trained, tmp_path,
 
 def test_int8_is_written_only_when_it_agrees(exported, recorded, trained, tmp_path):
     path, _ = exported
-    featuriser = Featuriser(ckpt.read_version(trained).features)
+    featuriser = Featuriser(ckpt.read(trained).features)
     calibration = onnx_export.recorded_inputs(recorded, featuriser)
     report = onnx_export.quantize(path, tmp_path / "policy.int8.onnx", calibration)
     assert report["observations"] == len(calibration["option_mask"])
@@ -79,7 +80,9 @@ def test_int8_is_written_only_when_it_agrees(exported, recorded, trained, tmp_pa
     assert report["written"] == (report["agreement"] >= 0.99)
     assert (tmp_path / "policy.int8.onnx").exists() == report["written"]
     if report["written"]:
-        assert OnnxPolicyRunner(tmp_path / "policy.int8.onnx").version == ckpt.latest_name(trained)
+        assert OnnxRunner(tmp_path / "policy.int8.onnx").model_version == versions.latest_name(
+            trained
+        )
 
 
 def test_the_export_command_prints_its_report(trained, recorded, tmp_path):
@@ -103,7 +106,7 @@ def test_the_onnx_backend_serves_real_robots(exported, tmp_path):
     ):
         summary = run_robots(endpoint, ENV_ID, 4, seed=1000, robots=2)
     assert summary["episodes"] == 4 and summary["decided_by"] == {"onnx": summary["decisions"]}
-    assert summary["model_versions"] == [OnnxPolicyRunner(path).version]
+    assert summary["model_versions"] == [OnnxRunner(path).model_version]
     rows = [r for e in iter_episodes(tmp_path) for r in e.table.to_pylist()]
     assert all(0 <= r["confidence"] <= 1 for r in rows)
 
@@ -131,9 +134,11 @@ def test_the_edge_robot_matches_the_torch_student_without_torch(exported, traine
     import envs
 
     env = envs.make_skill_env(ENV_ID)
-    torch_policy = StudentPolicy(trained)
+    torch_policy = LocalPolicy(TorchStudent.load(trained), "policy")
     torch_runs = [run_episode(env, torch_policy, seed) for seed in seeds]
-    in_process = [run_episode(env, EdgePolicy(path), seed) for seed in seeds[:2]]
+    in_process = [
+        run_episode(env, LocalPolicy(OnnxRunner(path), "onnx"), seed) for seed in seeds[:2]
+    ]
     env.close()
     assert [r.skills for r in in_process] == [r.skills for r in torch_runs[:2]]
     code = (
@@ -169,6 +174,6 @@ def test_the_trainer_can_export_each_version(recorded, tmp_path):
         timeout_s=240,
         what="trainer",
     )  # fmt: skip
-    version = ckpt.read_version(out)  # the manifest hashes policy.onnx too
-    assert "policy.onnx" in version.manifest["files"]
-    assert OnnxPolicyRunner(version.path / "policy.onnx").version == version.name
+    version = ckpt.read(out)  # the manifest hashes policy.onnx too
+    assert ckpt.ONNX in version.manifest["files"]
+    assert OnnxRunner(version.path / ckpt.ONNX).model_version == version.name

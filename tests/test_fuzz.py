@@ -11,9 +11,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from runtime_fixtures import running_server
 
+from agent import codec as C
 from agent import protocol as P
 from agent.client import AgentClient, AgentTimeout
 from agent.envspec import ObservationSpec
+from agent.launch import free_port
 from agent.messages import DecideRequest, DecisionReply, ErrorReply, Observation, Reply
 
 pytestmark = pytest.mark.timeout(180)
@@ -48,7 +50,7 @@ def valid_message(request_id=1):
         state=np.zeros(14, np.float32),
         options=["a"],
     )
-    return P.unpackb(P.encode(DecideRequest(request_id, obs)))
+    return C.unpackb(P.encode(DecideRequest(request_id, obs)))
 
 
 def exchange(sock, payload: bytes) -> Reply:
@@ -124,7 +126,7 @@ def test_wrong_schema_gets_a_reply_with_our_request_id(raw, field, value):
     else:
         msg[field] = value
     try:
-        payload = P.packb(msg)
+        payload = C.packb(msg)
     except (TypeError, ValueError, OverflowError):
         return  # not representable in msgpack at all
     reply = exchange(raw, payload)
@@ -152,7 +154,7 @@ def test_wrong_arrays_get_error_replies(raw, target, dtype, shape, consistent):
         msg["observation"]["images"] = {"image": array}
     else:
         msg["observation"]["state"] = array
-    reply = exchange(raw, P.packb(msg))
+    reply = exchange(raw, C.packb(msg))
     good = consistent and (
         (target == "image" and dtype == "|u1" and shape == [8, 8, 3])
         or (target == "state" and dtype == "<f4" and shape == [14])
@@ -174,7 +176,7 @@ def test_wrong_arrays_get_error_replies(raw, target, dtype, shape, consistent):
 def test_other_protocol_versions_are_refused_clearly(raw, version):
     msg = valid_message()
     msg["protocol"] = version
-    reply = exchange(raw, P.packb(msg))
+    reply = exchange(raw, C.packb(msg))
     assert reply.TYPE == "error" and code_of(reply) == P.VERSION_MISMATCH
     assert "speaks" in reply.message
 
@@ -195,7 +197,7 @@ def test_oversize_messages_are_dropped_by_zmq_and_the_server_stays_up(server):
     sock.connect(server.endpoint)
     msg = valid_message()
     msg["observation"]["instruction"] = "x" * (2 * MAX_BYTES)
-    sock.send(P.packb(msg))
+    sock.send(C.packb(msg))
     assert not sock.poll(500), "an oversize message must never be processed"
     sock.close(linger=0)
     time.sleep(0.1)
@@ -308,7 +310,7 @@ def exchange_bounded(sock, payload: bytes) -> Reply:
 
 
 def test_a_real_sim_dict_is_decided(oracle_raw, oracle_scene):
-    reply = exchange_bounded(oracle_raw, P.packb(oracle_message(oracle_scene, oracle_scene[2])))
+    reply = exchange_bounded(oracle_raw, C.packb(oracle_message(oracle_scene, oracle_scene[2])))
     assert isinstance(reply, DecisionReply) and reply.decision.decided_by == "oracle"
 
 
@@ -374,7 +376,7 @@ def test_malformed_sim_dicts_of_the_right_keys_get_specific_errors(
         with contextlib.suppress(KeyError, TypeError, IndexError):
             set_path(sim, path, materialise(value))
     try:
-        payload = P.packb(oracle_message(oracle_scene, sim))
+        payload = C.packb(oracle_message(oracle_scene, sim))
     except (TypeError, ValueError, OverflowError):
         return  # not representable in msgpack at all
     reply = exchange_bounded(oracle_raw, payload)
@@ -416,9 +418,9 @@ def test_deeply_nested_values_in_every_field_get_bounded_errors(
     msg["observation"]["options"] = list(msg["observation"]["options"])
     put(msg, field, nested(depth))
     try:
-        payload = P.packb(msg)
+        payload = C.packb(msg)
     except ValueError:  # deeper than msgpack packs: send the bytes by hand
-        payload = P.packb(msg | {field: None}) if not field.startswith("obs:") else None
+        payload = C.packb(msg | {field: None}) if not field.startswith("obs:") else None
         if payload is None:
             return
         payload = payload[:-1] + b"\x91" * depth + b"\x01"  # an unpackable tail
@@ -430,7 +432,7 @@ def test_huge_strings_in_every_field_are_not_echoed(oracle_raw, oracle_scene, fi
     msg = oracle_message(oracle_scene, dict(oracle_scene[2]), request_id=12)
     msg["observation"]["options"] = list(msg["observation"]["options"])
     put(msg, field, "x" * 4_000_000)
-    exchange_bounded(oracle_raw, P.packb(msg))
+    exchange_bounded(oracle_raw, C.packb(msg))
 
 
 def test_a_robot_batched_with_a_bad_one_is_still_decided(oracle_server, oracle_scene):
@@ -446,7 +448,7 @@ def test_a_robot_batched_with_a_bad_one_is_still_decided(oracle_server, oracle_s
         socks.append(sock)
     try:
         for i, sock in enumerate(socks):
-            sock.send(P.packb(bad if i == 0 else good))
+            sock.send(C.packb(bad if i == 0 else good))
         replies = []
         for sock in socks:
             assert sock.poll(10_000)
@@ -468,14 +470,14 @@ def test_a_multipart_message_over_the_limit_is_refused_without_echo(server):
     try:
         frame = b"\x01" * (MAX_BYTES - 16)  # every frame is under the per-frame limit
         refused = server.stats()["refused_messages"]
-        sock.send_multipart([frame] * 20 + [P.packb(valid_message(request_id=5))])
+        sock.send_multipart([frame] * 20 + [C.packb(valid_message(request_id=5))])
         assert sock.poll(5000), "an oversized message gets an answer (its routing id is fine)"
         reply_frames = sock.recv_multipart()
         assert len(reply_frames) == 1 and len(reply_frames[0]) <= MAX_ERROR_REPLY  # no echo
         reply = P.parse_reply(reply_frames[0])
         assert code_of(reply) == P.TOO_LARGE and reply.request_id == 5
         assert server.stats()["refused_messages"] == refused + 1
-        sock.send_multipart([b"extra", P.packb(valid_message(request_id=6))])  # small, malformed
+        sock.send_multipart([b"extra", C.packb(valid_message(request_id=6))])  # small, malformed
         assert sock.poll(5000)
         assert code_of(P.parse_reply(sock.recv())) == P.BAD_MESSAGE
     finally:
@@ -485,7 +487,7 @@ def test_a_multipart_message_over_the_limit_is_refused_without_echo(server):
 
 def test_oversized_multipart_messages_do_not_grow_the_servers_memory():
     """128 MB in 8 frames of 16 MB (the default per-frame limit), four times, at `agent serve`."""
-    from runtime_fixtures import free_port, serve_subprocess, stop_process, wait_ready
+    from runtime_fixtures import serve_subprocess, stop_process, wait_ready
 
     def rss_mb(pid):
         status = Path(f"/proc/{pid}/status").read_text()
@@ -534,7 +536,7 @@ def openpi_ws(openpi_door):
     from websockets.sync.client import connect
 
     with connect(openpi_door, compression=None, max_size=None, open_timeout=10) as ws:
-        P.unpackb(ws.recv(timeout=10))  # metadata
+        C.unpackb(ws.recv(timeout=10))  # metadata
         yield ws
 
 
@@ -558,7 +560,7 @@ def openpi_exchange(ws, frame):
         assert reply.startswith("Error in inference server") and len(reply) <= MAX_ERROR_REPLY
         assert "internal error" not in reply and "internal_error" not in reply, reply
         return None
-    return P.unpackb(reply)
+    return C.unpackb(reply)
 
 
 OPENPI_KEYS = ["prompt", "observation/state", "observation/image", "options", "sim", "extra"]
@@ -588,21 +590,21 @@ def test_the_openpi_front_door_answers_bad_input_and_keeps_the_connection(
         obs = openpi_obs(oracle_scene, oracle_scene[2])
         obs[key] = nested(v) if kind == "deep" else v
         try:
-            frame = P.packb(obs)
+            frame = C.packb(obs)
         except (TypeError, ValueError, OverflowError):
             return
     openpi_exchange(openpi_ws, frame)
-    action = openpi_exchange(openpi_ws, P.packb(openpi_obs(oracle_scene, oracle_scene[2])))
+    action = openpi_exchange(openpi_ws, C.packb(openpi_obs(oracle_scene, oracle_scene[2])))
     assert action is not None and "skill" in action  # still the same, working connection
 
 
 def test_the_openpi_front_door_refuses_nesting_deeper_than_msgpack_packs(openpi_ws, oracle_scene):
-    deep = P.packb({"prompt": "x", "observation": None})[:-1] + b"\x81\xa1k" * 1100 + b"\x01"
+    deep = C.packb({"prompt": "x", "observation": None})[:-1] + b"\x81\xa1k" * 1100 + b"\x01"
     assert openpi_exchange(openpi_ws, deep) is None
     obs = openpi_obs(oracle_scene, oracle_scene[2])
     for depth in (20, 900):  # nested observation maps
         inner: dict = {"state": np.zeros(3, np.float32)}
         for _ in range(depth):
             inner = {"o": inner}
-        assert openpi_exchange(openpi_ws, P.packb({**obs, "observation": inner})) is None
-    assert openpi_exchange(openpi_ws, P.packb(obs)) is not None
+        assert openpi_exchange(openpi_ws, C.packb({**obs, "observation": inner})) is None
+    assert openpi_exchange(openpi_ws, C.packb(obs)) is not None

@@ -1,15 +1,19 @@
-"""The import rules of docs/architecture.md, checked two ways.
+"""The import rules of docs/architecture.md, checked three ways.
 
 1. Transitively: each light entry point is imported in a fresh interpreter
    and `sys.modules` must hold nothing forbidden, so a module that imports a
    light module that imports torch is caught.
 2. On the source: imports at any depth (lazy ones inside functions count) of
-   every file a rule covers, so a forbidden import that only runs later is
-   caught too.
+   every file of every package, against the arrows between components.
+3. The import table of docs/architecture.md is exactly what the source
+   imports (`python tests/test_layering.py` prints the table to paste).
 """
+
+from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,34 +23,110 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "transformers", "onnxruntime", "horovod"}
 SIM = {"mujoco", "gymnasium"}
-WIRE_ALLOWED_AGENT = {"agent", "agent.messages", "agent.protocol", "agent.client", "agent.curve"}
-TRAINER_ALLOWED_AGENT = {"agent", "agent.messages", "agent.store", "agent.extras"}
+LIBRARIES = (
+    "torch",
+    "horovod",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "pyarrow",
+    "gymnasium",
+    "mujoco",
+)
 
-# entry point -> (forbidden top-level packages, allowed agent.* modules or None for any)
+# Components: what each file of the five packages belongs to (first match wins).
+WIRE = (
+    "agent/messages.py",
+    "agent/codec.py",
+    "agent/protocol.py",
+    "agent/client.py",
+    "agent/curve.py",
+)
+FORMATS = (
+    "agent/store.py",
+    "agent/files.py",
+    "agent/versions.py",
+    "agent/labels.py",
+    "agent/extras.py",
+)
+COMPONENTS = {
+    "agent: wire": WIRE,
+    "agent: formats": FORMATS,
+    "agent.student": ("agent/student/*.py",),
+    "agent: runtime": ("agent/*.py", "agent/backends/*.py"),
+    "envs": ("envs/**/*.py",),
+    "shadowsync": ("shadowsync/**/*.py",),
+    "trainer": ("trainer/**/*.py",),
+    "export": ("export/**/*.py",),
+}
+# The arrows: which components each one may import (at any depth, lazily or not).
+ALLOWED = {
+    "agent: wire": set(),
+    "agent: formats": {"agent: wire"},
+    "agent.student": {"agent: wire", "agent: formats"},
+    "agent: runtime": {"agent: wire", "agent: formats", "agent.student", "envs"},
+    "envs": {"agent: wire"},
+    "shadowsync": set(),
+    "trainer": {"agent: wire", "agent: formats", "agent.student", "shadowsync"},
+    "export": {"agent: wire", "agent: formats", "agent.student"},
+}
+# Libraries a component must never import, at any depth.
+FORBIDDEN_LIBRARIES = {
+    "agent: wire": HEAVY | SIM | {"pyarrow", "onnx"},
+    "agent: formats": HEAVY | SIM | {"onnx"},
+    "envs": HEAVY | {"onnx", "pyarrow"},
+    "shadowsync": {"gymnasium", "mujoco", "pyarrow", "onnx", "onnxruntime", "transformers"},
+}
+
+# Light entry points, imported in a fresh interpreter: (forbidden top-level packages,
+# allowed agent.* modules or None for any).
+WIRE_MODULES = {
+    "agent",
+    "agent.messages",
+    "agent.codec",
+    "agent.protocol",
+    "agent.client",
+    "agent.curve",
+}
+STUDENT_LIGHT = WIRE_MODULES | {
+    "agent.files",
+    "agent.versions",
+    "agent.student",
+    "agent.student.features",
+    "agent.student.config",
+    "agent.student.checkpoint",
+    "agent.student.onnx",
+}
 TRANSITIVE = {
-    "agent.messages": (HEAVY | SIM | {"pyarrow", "envs"}, WIRE_ALLOWED_AGENT),
-    "agent.protocol": (HEAVY | SIM | {"pyarrow", "envs"}, WIRE_ALLOWED_AGENT),
-    "agent.client": (HEAVY | SIM | {"pyarrow", "envs"}, WIRE_ALLOWED_AGENT),
-    "agent.store": (HEAVY | SIM | {"envs"}, {"agent", "agent.messages", "agent.store"}),
+    "agent.messages": (HEAVY | SIM | {"pyarrow", "envs"}, WIRE_MODULES),
+    "agent.protocol": (HEAVY | SIM | {"pyarrow", "envs"}, WIRE_MODULES),
+    "agent.client": (HEAVY | SIM | {"pyarrow", "envs"}, WIRE_MODULES),
+    "agent.store": (
+        HEAVY | SIM | {"envs"},
+        {"agent", "agent.messages", "agent.store", "agent.files"},
+    ),
+    "agent.versions": (
+        HEAVY | SIM | {"pyarrow", "envs"},
+        {"agent", "agent.versions", "agent.files"},
+    ),
+    "agent.labels": (HEAVY | SIM | {"pyarrow", "envs"}, {"agent", "agent.labels"}),
+    "agent.student.features": (HEAVY | SIM | {"pyarrow", "trainer", "export"}, STUDENT_LIGHT),
+    "agent.student.checkpoint": (HEAVY | SIM | {"pyarrow", "trainer", "export"}, STUDENT_LIGHT),
+    # the edge: an exported student runs with onnxruntime, numpy and pillow only
+    "agent.student.onnx": (
+        {"torch", "transformers", "horovod", "pyarrow", "trainer", "export"} | SIM,
+        STUDENT_LIGHT,
+    ),
     "envs": (HEAVY | {"trainer", "shadowsync", "export"}, None),
     "envs.rollout": (HEAVY | {"trainer", "shadowsync", "export"}, None),
     "envs.plugin": (HEAVY | {"trainer", "shadowsync", "export"}, None),
     "shadowsync": ({"agent", "envs", "trainer", "export"}, None),
-    "trainer": (HEAVY | SIM | {"pyarrow"}, TRAINER_ALLOWED_AGENT),
-    "trainer.features": (HEAVY | SIM | {"pyarrow"}, TRAINER_ALLOWED_AGENT),
-    "trainer.student": (HEAVY | SIM | {"pyarrow"}, TRAINER_ALLOWED_AGENT),
-    "trainer.train": (HEAVY | SIM, TRAINER_ALLOWED_AGENT),
-    "export.edge": ({"torch", "transformers", "horovod", "pyarrow"}, TRAINER_ALLOWED_AGENT),
+    "trainer": (HEAVY | SIM | {"pyarrow", "export"}, {"agent"}),
+    "trainer.data": (HEAVY | SIM | {"export"}, None),
+    "export": (HEAVY | SIM | {"trainer"}, {"agent"}),
+    "agent.backends.policy": ({"trainer", "export", "torch"}, None),
+    "agent.backends.onnx": ({"trainer", "export", "torch", "onnxruntime"}, None),
 }
-
-# (files, forbidden top-level modules), read from the source at any depth
-STATIC = [
-    (["agent/messages.py", "agent/protocol.py", "agent/client.py"], HEAVY | SIM | {"envs"}),
-    (["agent/store.py"], HEAVY | SIM | {"envs"}),
-    (["envs/**/*.py"], HEAVY | {"trainer", "shadowsync", "export"}),
-    (["shadowsync/**/*.py"], {"agent", "envs", "trainer", "export"}),
-    (["trainer/features.py", "export/edge.py"], {"torch", "horovod"}),
-]
 
 
 def loaded_by(module: str) -> set[str]:
@@ -79,49 +159,109 @@ def test_the_client_loads_no_backend():
     assert not [m for m in loaded if m.startswith(("agent.backends", "agent.server"))]
 
 
+# --------------------------------------------------------------------------- the source
+
+
 def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at any depth; `from agent import x` counts as agent.x."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
-def static_cases():
-    for patterns, forbidden in STATIC:
+def component_files() -> dict[str, list[Path]]:
+    owned: dict[Path, str] = {}
+    for component, patterns in COMPONENTS.items():
         for pattern in patterns:
             for path in sorted(ROOT.glob(pattern)):
-                yield pytest.param(path, forbidden, id=str(path.relative_to(ROOT)))
+                owned.setdefault(path, component)
+    files: dict[str, list[Path]] = {c: [] for c in COMPONENTS}
+    for path, component in owned.items():
+        files[component].append(path)
+    return files
 
 
-@pytest.mark.parametrize(("path", "forbidden"), list(static_cases()))
-def test_import_rules_on_the_source(path, forbidden):
-    bad = imported_modules(path) & forbidden
-    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+def component_of_module(module: str) -> str | None:
+    """The component a module name belongs to (None: not one of ours, or a package root)."""
+    parts = module.split(".")
+    if parts[0] not in ("agent", "envs", "shadowsync", "trainer", "export") or module == "agent":
+        return None  # `agent` itself is a namespace (its __init__ holds a docstring only)
+    candidates = [ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py")]
+    for path in candidates:
+        if path.is_file():
+            for component, files in FILES.items():
+                if path in files:
+                    return component
+    return None
 
 
-def agent_modules_imported(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names if a.name.split(".")[0] == "agent")
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.update({node.module} if node.module.split(".")[0] == "agent" else set())
-    return names
+FILES = component_files()
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("trainer/*.py")), ids=lambda p: p.name)
-def test_the_trainer_uses_only_the_episode_store_and_the_wire_types(path):
-    bad = agent_modules_imported(path) - TRAINER_ALLOWED_AGENT
-    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+def imports_of(component: str) -> tuple[set[str], set[str]]:
+    """(other components, libraries of LIBRARIES) that `component`'s files import at any depth."""
+    components, libraries = set(), set()
+    for path in FILES[component]:
+        for module in imported_modules(path):
+            other = component_of_module(module)
+            if other is not None and other != component:
+                components.add(other)
+            if module.split(".")[0] in LIBRARIES:
+                libraries.add(module.split(".")[0])
+    return components, libraries
 
 
-def test_rules_cover_existing_files():
-    assert len(list(static_cases())) > 20, "the layering rules match too few modules"
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+def test_package_arrows_run_one_way(component):
+    """runtime ↛ learner, trainer ↮ export, shadowsync ↛ the rest, envs ↛ torch, ..."""
+    components, libraries = imports_of(component)
+    assert components <= ALLOWED[component], (
+        f"{component} imports {sorted(components - ALLOWED[component])}"
+    )
+    bad = libraries & FORBIDDEN_LIBRARIES.get(component, set())
+    assert not bad, f"{component} imports {sorted(bad)}"
+
+
+def test_every_file_of_every_package_has_a_component():
+    packages = [p for pkg in ("agent", "envs", "shadowsync", "trainer", "export")
+                for p in (ROOT / pkg).rglob("*.py")]  # fmt: skip
+    owned = {p for files in FILES.values() for p in files}
+    assert set(packages) == owned, sorted(str(p) for p in set(packages) - owned)
+    assert len(owned) > 60
+
+
+def import_table() -> str:
+    rows = [
+        "| component | its files | imports (components) | imports (libraries, lazily included) |",
+        "|---|---|---|---|",
+    ]
+    for component, patterns in COMPONENTS.items():
+        components, libraries = imports_of(component)
+        rows.append(
+            f"| {component} | {', '.join(f'`{p}`' for p in patterns)} | "
+            f"{', '.join(sorted(components)) or '-'} | "
+            f"{', '.join(lib for lib in LIBRARIES if lib in libraries) or '-'} |"
+        )
+    return "\n".join(rows)
+
+
+def test_the_architecture_docs_import_table_is_what_the_code_imports():
+    docs = (ROOT / "docs" / "architecture.md").read_text()
+    found = re.search(r"<!-- import table -->\n(.*?)\n<!-- /import table -->", docs, re.S)
+    assert found, "docs/architecture.md lost its import table markers"
+    assert found.group(1).strip() == import_table(), (
+        "docs/architecture.md's import table is out of date; paste the output of "
+        "`python tests/test_layering.py`"
+    )
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def test_cli_help_imports_nothing_heavy():
@@ -158,3 +298,20 @@ def test_a_missing_extra_is_named_not_a_traceback():
     assert proc.returncode == 2
     assert "pip install 'embodied-agent[serve]'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_trainer_without_torch_names_its_extra():
+    """`python -m trainer` checks its extra before the script imports torch at its top."""
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['torch'] = None  # as if the learn extra were not installed\n"
+        "sys.argv = ['trainer', '--episodes', 'x', '--out', 'y']\n"
+        "runpy.run_module('trainer', run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "pip install 'embodied-agent[learn]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+if __name__ == "__main__":
+    print(import_table())

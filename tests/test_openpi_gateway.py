@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from runtime_fixtures import (
     TEST_ENV,
-    free_port,
     openpi_pack,
     running_server,
     serve_subprocess,
@@ -19,8 +18,10 @@ from runtime_fixtures import (
 )
 from websockets.sync.client import connect
 
+from agent import codec as C
 from agent import protocol as P
 from agent.backends.base import Backend
+from agent.launch import free_port
 from agent.messages import Decision
 from agent.openpi_gateway import OpenpiGateway, openpi_observation
 from agent.store import iter_episodes
@@ -75,11 +76,11 @@ def test_openpi_observation_mapping():
 def test_openpi_client_round_trip(gateway):
     port, _ = gateway
     with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as ws:
-        metadata = P.unpackb(ws.recv())
+        metadata = C.unpackb(ws.recv())
         assert metadata["protocol"] == P.PROTOCOL_VERSION and metadata["backend"] == "echo"
         for step in range(3):
             ws.send(msgpack.packb(libero_observation(step), default=openpi_pack))
-            action = P.unpackb(ws.recv())
+            action = C.unpackb(ws.recv())
             assert action["actions"].shape == (1, 4) and action["actions"][0, 0] == step
             assert action["reasoning"] == "echo" and "infer_ms" in action["server_timing"]
         assert "prev_total_ms" in action["server_timing"]
@@ -93,7 +94,7 @@ def test_errors_are_text_frames_and_the_connection_stays_open(gateway):
         error = ws.recv()
         assert isinstance(error, str) and "Error in inference server" in error
         ws.send(msgpack.packb(libero_observation(5), default=openpi_pack))
-        assert P.unpackb(ws.recv())["actions"][0, 0] == 5
+        assert C.unpackb(ws.recv())["actions"][0, 0] == 5
 
 
 def test_healthz(gateway):
@@ -114,7 +115,7 @@ def test_openpi_robots_share_the_batching_scheduler(gateway):
                 barrier.wait(10)
                 for step in range(5):
                     ws.send(msgpack.packb(libero_observation(step), default=openpi_pack))
-                    assert P.unpackb(ws.recv())["actions"][0, 0] == step
+                    assert C.unpackb(ws.recv())["actions"][0, 0] == step
         except Exception as exc:
             errors.append(exc)
 
@@ -138,7 +139,7 @@ def test_sigterm_with_an_open_openpi_robot_stops_promptly_and_records_it(tmp_pat
             ws.recv(timeout=10)
             observation = {"observation/state": np.zeros(23, np.float32), "prompt": "push"}
             ws.send(msgpack.packb(observation, default=openpi_pack))
-            assert P.unpackb(ws.recv(timeout=10))["actions"].shape == (1, 7)
+            assert C.unpackb(ws.recv(timeout=10))["actions"].shape == (1, 7)
             started = time.monotonic()
             output = stop_process(server, signal.SIGTERM, timeout=30)
             assert time.monotonic() - started < 10, output  # not the gateway's 60 s timeouts

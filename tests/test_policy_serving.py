@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from agent import versions
 from agent.backends import EnvInfo, load_backend
 from agent.backends.teaching import Teaching, draw
 from agent.client import AgentClient
 from agent.launch import run_robots, serving
 from agent.messages import Observation
 from agent.store import iter_episodes
-from trainer import checkpoint as ckpt
+from agent.student import checkpoint as ckpt
 
 pytestmark = pytest.mark.timeout(300)
 ENV_ID = "tabletop/PickPlace-v0"
@@ -42,7 +43,7 @@ def publish_perturbed(root, scale=1e-2, seed=0, source=None):
 
 def corrupt_latest(root):
     """A version whose weights no longer match its manifest, put in place as publish would."""
-    names = ckpt.version_names(root)
+    names = versions.version_names(root)
     name = f"v{int(names[-1][1:]) + 1:06d}"
     staging = root / ".tmp" / name
     shutil.copytree(root / names[-1], staging)
@@ -61,9 +62,9 @@ def test_new_versions_are_served_without_a_restart_and_corrupt_ones_never(
 ):
     root = tmp_path / "ckpt"
     shutil.copytree(trained, root)
-    first = ckpt.latest_name(root)
+    first = versions.latest_name(root)
     fields = recorded_step(recorded)
-    versions, errors, stop = [], [], threading.Event()
+    served, errors, stop = [], [], threading.Event()
     with serving(
         ENV_ID, "--backend", "policy", "--model", str(root), "--reload-every-s", "0.1"
     ) as (
@@ -76,7 +77,7 @@ def test_new_versions_are_served_without_a_restart_and_corrupt_ones_never(
                 step = 0
                 while not stop.is_set():
                     try:
-                        versions.append(
+                        served.append(
                             client.decide(episode_id="e", step=step, **fields).model_version
                         )
                     except Exception as exc:
@@ -91,7 +92,7 @@ def test_new_versions_are_served_without_a_restart_and_corrupt_ones_never(
             time.sleep(1.0)
             good = publish_perturbed(root, seed=1, source=root / first)
             deadline = time.monotonic() + 30
-            while good not in versions and time.monotonic() < deadline:
+            while good not in served and time.monotonic() < deadline:
                 time.sleep(0.1)
         finally:
             stop.set()
@@ -99,8 +100,8 @@ def test_new_versions_are_served_without_a_restart_and_corrupt_ones_never(
         with AgentClient(endpoint, timeout_ms=5000) as client:
             stats = client.stats()
     assert not errors
-    assert versions[0] == first and versions[-1] == good  # picked up, no restart
-    assert bad not in versions  # never served
+    assert served[0] == first and served[-1] == good  # picked up, no restart
+    assert bad not in served  # never served
     assert stats["versions_refused"] == 1 and stats["version_swaps"] == 1
     assert bad in stats["backend"]["refused"] and "sha256" in stats["backend"]["refused"][bad]
 
@@ -113,7 +114,7 @@ def test_a_loaded_version_is_handed_over_once_even_before_its_swap(trained, tmp_
     assert backend.load_version() is None  # nothing new yet
     name = publish_perturbed(root)
     loaded = backend.load_version()
-    assert loaded is not None and loaded.name == name
+    assert loaded is not None and loaded.model_version == name
     assert backend.load_version() is None  # still waiting for its swap: not loaded again
     backend.swap(loaded)
     assert backend.model_version == name and backend.load_version() is None

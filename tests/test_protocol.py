@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from runtime_fixtures import openpi_pack
 
+from agent import codec as C
 from agent import protocol as P
 from agent.batching import BatchPolicy, CallCost, RobotActivity
 from agent.messages import (
@@ -28,7 +29,7 @@ from agent.messages import (
 @pytest.mark.parametrize("dtype", ["uint8", "float32", "float64", "int64", "bool", "int16"])
 def test_arrays_round_trip(dtype):
     arr = (np.arange(24) % 7).astype(dtype).reshape(2, 3, 4)
-    out = P.unpackb(P.packb({"a": arr, "nested": [arr[0]]}))
+    out = C.unpackb(C.packb({"a": arr, "nested": [arr[0]]}))
     np.testing.assert_array_equal(out["a"], arr)
     assert out["a"].dtype == arr.dtype and out["nested"][0].shape == (3, 4)
 
@@ -36,17 +37,17 @@ def test_arrays_round_trip(dtype):
 def test_openpi_encoded_arrays_decode_unchanged():
     image = np.random.default_rng(0).integers(0, 255, (8, 6, 3), dtype=np.uint8)
     blob = msgpack.packb({"observation/image": image}, default=openpi_pack)
-    np.testing.assert_array_equal(P.unpackb(blob)["observation/image"], image)
+    np.testing.assert_array_equal(C.unpackb(blob)["observation/image"], image)
 
 
 def test_our_arrays_use_openpi_keys():
-    raw = msgpack.unpackb(P.packb(np.zeros((2, 2), np.float32)), raw=False)
+    raw = msgpack.unpackb(C.packb(np.zeros((2, 2), np.float32)), raw=False)
     assert set(raw) == {b"__ndarray__", b"data", b"dtype", b"shape"}
     assert raw[b"dtype"] == "<f4" and list(raw[b"shape"]) == [2, 2]
 
 
 def test_numpy_scalars_round_trip():
-    assert P.unpackb(P.packb(np.float32(1.5))) == np.float32(1.5)
+    assert C.unpackb(C.packb(np.float32(1.5))) == np.float32(1.5)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +61,7 @@ def test_numpy_scalars_round_trip():
 )
 def test_bad_array_headers_are_refused(header):
     with pytest.raises(P.ProtocolError) as err:
-        P.unpackb(msgpack.packb(header))
+        C.unpackb(msgpack.packb(header))
     assert err.value.code == P.BAD_ARRAY
 
 
@@ -75,13 +76,13 @@ def decide_message(**overrides):
         options=["a", "b"],
         sim={"x": np.ones(2)},
     )
-    msg = P.unpackb(P.encode(DecideRequest(7, obs, reward=0.5, seed=11, task="tabletop/Stack-v0")))
+    msg = C.unpackb(P.encode(DecideRequest(7, obs, reward=0.5, seed=11, task="tabletop/Stack-v0")))
     for key, value in overrides.items():
         if key.startswith("obs_"):
             msg["observation"][key[4:]] = value
         else:
             msg[key] = value
-    return P.packb(msg)
+    return C.packb(msg)
 
 
 def test_valid_decide_request_parses():
@@ -194,10 +195,10 @@ def test_the_decision_reply_carries_every_decision_field_but_the_recorded_ones()
         decided_by="x",
         confidence=0.5,
     )
-    sent = P.unpackb(P.encode(DecisionReply(1, "e", 0, dec, "m", "v", {})))
+    sent = C.unpackb(P.encode(DecisionReply(1, "e", 0, dec, "m", "v", {})))
     wire = {f.name for f in fields(Decision)} - {"teacher", "model_version"}
     assert wire == set(P._DECISION_WIRE) and wire <= set(sent)
-    bare = P.unpackb(P.encode(DecisionReply(1, "e", 0, Decision(decided_by="x"), "m", "v", {})))
+    bare = C.unpackb(P.encode(DecisionReply(1, "e", 0, Decision(decided_by="x"), "m", "v", {})))
     assert set(bare) == {"type", "protocol", "request_id", "episode_id", "step", "decided_by",
                          "model_id", "model_version", "timing"}  # fmt: skip
     assert P.parse_reply(P.encode(DecisionReply(1, "e", 0, Decision(), "m", "v", {}))).decision == (
@@ -220,7 +221,7 @@ def test_large_arrays_are_spliced_in_byte_for_byte_as_msgpack_packs_them():
     state = rng.standard_normal(14).astype(np.float32)
     obs = Observation("r", "e", 2, "go", images, state, ["a"])
     sent = P.encode(DecideRequest(9, obs))
-    body = P.unpackb(sent)
+    body = C.unpackb(sent)
     assert sent == plain_msgpack(body)
     parsed = P.parse_request(sent).observation
     for name, image in images.items():
@@ -228,13 +229,13 @@ def test_large_arrays_are_spliced_in_byte_for_byte_as_msgpack_packs_them():
 
 
 def test_a_message_holding_the_splice_tag_is_packed_plainly():
-    P.packb({})  # make this thread's packer
-    tag = P._local.packer.tag
+    C.packb({})  # make this thread's packer
+    tag = C._local.packer.tag
     image = np.arange(70_000, dtype=np.uint8)
-    message = {"data": P._array_map(image), "trap": tag + (0).to_bytes(4, "big")}
-    packed = P.packb(message)
-    assert P.unpackb(packed)["trap"] == tag + (0).to_bytes(4, "big")
-    np.testing.assert_array_equal(P.unpackb(packed)["data"], image)
+    message = {"data": C.array_map(image), "trap": tag + (0).to_bytes(4, "big")}
+    packed = C.packb(message)
+    assert C.unpackb(packed)["trap"] == tag + (0).to_bytes(4, "big")
+    np.testing.assert_array_equal(C.unpackb(packed)["data"], image)
 
 
 def test_every_message_round_trips():

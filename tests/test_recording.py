@@ -8,11 +8,19 @@ import time
 import numpy as np
 import pytest
 import zmq
-from runtime_fixtures import free_port, serve_subprocess, stop_process, wait_ready
+from runtime_fixtures import serve_subprocess, stop_process, wait_ready
 
 from agent import protocol as P
 from agent.client import AgentClient, AgentTimeout
-from agent.messages import Decision, EndEpisode, Observation, TeacherLabel
+from agent.launch import free_port
+from agent.messages import (
+    DecideRequest,
+    Decision,
+    DecisionReply,
+    EndEpisode,
+    Observation,
+    TeacherLabel,
+)
 from agent.recording import EpisodeBook, EpisodeWriter
 from agent.store import TMP_DIRNAME, episode_paths, iter_episodes, read_episode
 
@@ -42,7 +50,8 @@ def record_episode(book, episode_id="ep", steps=3, **end):
         )
         timing = {"queue_ms": 0.1, "inference_ms": 1.0, "batch_size": 1}
         reward = float(t) if t else None
-        book.record(obs, reward, dec, timing, "m", "7", seed=5 if t == 0 else None, task="pick")
+        request = DecideRequest(t, obs, reward, seed=5 if t == 0 else None, task="pick")
+        book.record(request, DecisionReply(t, episode_id, t, dec, "m", "7", timing))
     book.end(EndEpisode(0, "robot", episode_id, 5.0, **end))
 
 
@@ -73,6 +82,54 @@ def test_episode_round_trip(tmp_path):
     assert episode.column("teacher_model") == ["oracle"] * 3
     assert episode.column("teacher_action") == [None] * 3
     assert episode.column("confidence") == [0.5] * 3
+
+
+def test_the_store_reads_back_the_steps_it_wrote(tmp_path):
+    """`Episode.steps()` is the inverse of what the recorder wrote, history included."""
+    writer = EpisodeWriter(tmp_path, {"backend": "zero"})
+    book = EpisodeBook("test/Null-v0", writer, idle_timeout_s=30)
+    record_episode(book, terminated=True, success=True)
+    writer.close()
+    (episode,) = list(iter_episodes(tmp_path))
+    steps = episode.steps()
+    assert [s.observation.step for s in steps] == [0, 1, 2]
+    for t, step in enumerate(steps):
+        obs, dec = step.observation, step.decision
+        assert (obs.robot_id, obs.episode_id, obs.instruction, obs.options) == (
+            "robot", "ep", "pick it", ["a", "b"],
+        )  # fmt: skip
+        np.testing.assert_array_equal(obs.images["image"], np.full((4, 5, 3), t, np.uint8))
+        np.testing.assert_array_equal(obs.state, np.full(2, t, np.float32))
+        assert obs.history == ["a", "b", "a"][:t] and obs.sim is None
+        np.testing.assert_array_equal(dec.action, np.full(4, t, np.float32))
+        assert (dec.skill_index, dec.skill, dec.reasoning, dec.confidence) == (
+            t % 2, "ab"[t % 2], f"because {t}", 0.5,
+        )  # fmt: skip
+        assert dec.decided_by == ("policy" if t % 2 else "teacher:oracle")
+        assert dec.teacher.model == "oracle" and dec.teacher.decision.skill_index == 1
+        assert (step.model_id, step.model_version, step.timing["batch_size"]) == ("m", "7", 1)
+    assert [s.reward for s in steps] == [1.0, 2.0, 5.0]
+
+
+def test_a_frame_whose_bytes_do_not_fit_its_shape_is_a_clear_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = EpisodeWriter(tmp_path)
+    book = EpisodeBook("test/Null-v0", writer, idle_timeout_s=30)
+    record_episode(book)
+    writer.close()
+    (path,) = episode_paths(tmp_path)
+    table = pq.read_table(path)
+    images = table.column("images").to_pylist()
+    images[1][0]["height"] = 100_000  # claims a huge frame
+    table = table.set_column(
+        table.schema.get_field_index("images"), table.schema.field("images"),
+        pa.array(images, table.schema.field("images").type),
+    )  # fmt: skip
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match="claims 100000x5x3 but holds 60 bytes"):
+        read_episode(path).steps()
 
 
 def test_repeated_episode_ids_get_distinct_files(tmp_path):

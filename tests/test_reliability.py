@@ -4,12 +4,14 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
-from runtime_fixtures import ROOT, free_port, serve_subprocess, stop_process, wait_ready
+from runtime_fixtures import ROOT, serve_subprocess, stop_process, wait_ready
 
 from agent.client import AgentClient
+from agent.launch import free_port
 
 
 @pytest.mark.timeout(120)
@@ -22,13 +24,20 @@ def test_clients_survive_a_server_restart_without_mismatched_replies():
         wait_ready(endpoint)
         with AgentClient(endpoint, timeout_ms=300, retries=60) as client:
             for step in range(60):
-                if step == 30:  # the server dies mid-run and a new one takes its place
+                if step == 30:  # the server dies mid-run; a new one takes its place 1 s later
                     server.kill()
                     server.communicate(timeout=20)
-                    server = serve_subprocess(port, *args)
-                reply = client.decide(
+                    restarted: list = []
+                    later = threading.Timer(
+                        1.0, lambda into=restarted: into.append(serve_subprocess(port, *args))
+                    )
+                    later.start()
+                reply = client.decide(  # meanwhile: timeouts (300 ms), reconnects, retries
                     episode_id="long-run", step=step, state=np.full(23, step, np.float32)
                 )
+                if step == 30:
+                    later.join()
+                    server = restarted[0]
                 assert (reply.episode_id, reply.step) == ("long-run", step)
                 assert reply.decision.action.shape == (7,)
             assert client.reconnects >= 1

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from runtime_fixtures import ROOT, free_port, serve_subprocess, stop_process, wait_ready
+from runtime_fixtures import ROOT, serve_subprocess, stop_process, wait_ready
 
+from agent.launch import free_port
 from agent.store import iter_episodes
 
 ENV_ID = "tabletop/PickPlace-v0"

@@ -24,7 +24,7 @@ from agent.store import (
     follow,
     iter_episodes,
     read_episode,
-    write_atomically,
+    write_episode,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,7 +68,7 @@ def test_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(EpisodeError, match="not an episode file"):
         read_episode(tmp_path / "other.parquet")
     good = tmp_path / "good.parquet"
-    write_atomically(table("good", 5), good)
+    write_episode(table("good", 5), good)
     truncated = tmp_path / "truncated.parquet"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(EpisodeError, match="not a readable Parquet file"):
@@ -93,7 +93,7 @@ def test_follow_waits_for_the_directory_and_yields_each_episode_once(tmp_path):
         time.sleep(0.3)
         directory.mkdir()
         for i in range(6):
-            write_atomically(table(f"ep{i}", 3 + i), directory / f"ep{i}.parquet")
+            write_episode(table(f"ep{i}", 3 + i), directory / f"ep{i}.parquet")
             time.sleep(0.05)
 
     thread = threading.Thread(target=writer)
@@ -116,10 +116,10 @@ def test_follow_never_yields_part_of_an_episode_from_a_killed_writer(tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from test_store import table
-        from agent.store import write_atomically
+        from agent.store import write_episode
         out = Path({str(tmp_path)!r})
         for i in range(10_000):
-            write_atomically(table(f"ep{{i:05d}}", 40, image_side=96), out / f"ep{{i:05d}}.parquet")
+            write_episode(table(f"ep{{i:05d}}", 40, image_side=96), out / f"ep{{i:05d}}.parquet")
             print(i, flush=True)
         """
     )

@@ -11,13 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent import versions
+from agent.files import sha256
 from agent.launch import last_json, run, start, stop, trainer_command
-from agent.messages import Decision, EndEpisode, Observation, TeacherLabel
+from agent.messages import (
+    DecideRequest,
+    Decision,
+    DecisionReply,
+    EndEpisode,
+    Observation,
+    TeacherLabel,
+)
 from agent.recording import EpisodeBook, EpisodeWriter
 from agent.store import iter_episodes, read_episode
-from trainer import checkpoint as ckpt
+from agent.student import checkpoint as ckpt
+from agent.student.features import FeatureConfig, Featuriser, fit_config
 from trainer.data import Dataset, samples
-from trainer.features import FeatureConfig, Featuriser, fit_config
 
 pytestmark = pytest.mark.timeout(300)
 DATA = Path(__file__).parent / "data"
@@ -81,7 +90,7 @@ def write_episode(directory, episode_id, steps, backend="policy"):
             "robot", episode_id, t, "go", {"image": np.zeros((8, 8, 3), np.uint8)},
             np.full(3, t, np.float32), options,
         )  # fmt: skip
-        book.record(obs, None, decision, {}, "m", "1")
+        book.record(DecideRequest(t, obs), DecisionReply(t, episode_id, t, decision, "m", "1"))
     book.end(EndEpisode(0, "robot", episode_id, 1.0, True, False, True))
     writer.close()
 
@@ -132,7 +141,8 @@ def test_a_dataset_skips_episodes_that_do_not_fit(tmp_path):
 
 
 def tiny_student():
-    from trainer.model import ModelConfig, Student
+    from agent.student.config import ModelConfig
+    from agent.student.modeling import Student
 
     obs = Observation(
         "r", "e", 0, "go", {"image": np.zeros((16, 16, 3), np.uint8)}, np.ones(3, np.float32), ["a"]
@@ -144,7 +154,7 @@ def test_published_versions_load_back_bit_identically_and_refuse_tampering(tmp_p
     model = tiny_student()
     for step in (1, 2, 3):
         path = ckpt.publish(tmp_path, model, step=step, watermark={}, metrics={}, keep=2)
-    assert path.name == "v000003" and ckpt.version_names(tmp_path) == ["v000002", "v000003"]
+    assert path.name == "v000003" and versions.version_names(tmp_path) == ["v000002", "v000003"]
     assert (tmp_path / "LATEST").read_text().strip() == "v000003"
     loaded, version = ckpt.load(tmp_path)
     assert version.manifest["step"] == 3
@@ -163,19 +173,19 @@ def test_published_versions_load_back_bit_identically_and_refuse_tampering(tmp_p
     tensors = load_file(str(other / ckpt.WEIGHTS))
     tensors["surprise"] = tensors.pop("score.1.weight")
     save_file(tensors, str(other / ckpt.WEIGHTS))
-    manifest = json.loads((other / ckpt.MANIFEST).read_text())
-    manifest["files"][ckpt.WEIGHTS] = ckpt.sha256(other / ckpt.WEIGHTS)
-    (other / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    manifest = json.loads((other / versions.MANIFEST).read_text())
+    manifest["files"][ckpt.WEIGHTS] = sha256(other / ckpt.WEIGHTS)
+    (other / versions.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ckpt.CheckpointError, match="do not fit the model"):
         ckpt.load(other)
 
     config = json.loads((other / ckpt.CONFIG).read_text())
     config["format"] = "embodied-agent.student/99"
     (other / ckpt.CONFIG).write_text(json.dumps(config))
-    manifest["files"][ckpt.CONFIG] = ckpt.sha256(other / ckpt.CONFIG)
-    (other / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    manifest["files"][ckpt.CONFIG] = sha256(other / ckpt.CONFIG)
+    (other / versions.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ckpt.CheckpointError, match="is not 'embodied-agent\\.student/1'"):
-        ckpt.read_version(other)
+        ckpt.read(other)
 
 
 # --------------------------------------------------------------------------- real runs
@@ -221,14 +231,14 @@ def test_follow_learns_from_episodes_written_while_it_runs(recorded, tmp_path):
     )  # fmt: skip
     proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for(lambda: ckpt.latest_name(out) is not None, 120), "no first version"
+        assert wait_for(lambda: versions.latest_name(out) is not None, 120), "no first version"
         (episodes / "b").mkdir()
         for path in later:  # new episodes land while it trains (a link appears atomically)
             os.link(path, episodes / "b" / path.name)
 
         def saw_all():
-            name = ckpt.latest_name(out)
-            manifest = json.loads((out / name / ckpt.MANIFEST).read_text()) if name else {}
+            name = versions.latest_name(out)
+            manifest = json.loads((out / name / versions.MANIFEST).read_text()) if name else {}
             return manifest.get("watermark", {}).get("episodes") == len(first) + len(later)
 
         assert wait_for(saw_all, 120), "the new episodes never reached a published version"
@@ -239,7 +249,7 @@ def test_follow_learns_from_episodes_written_while_it_runs(recorded, tmp_path):
     assert proc.returncode == 0, stderr[-2000:]
     summary = last_json(stdout)
     assert summary["stopped"] == "signal" and summary["episodes"] == len(first) + len(later)
-    assert ckpt.read_version(out).name == summary["latest"]
+    assert ckpt.read(out).name == summary["latest"]
 
 
 def rank_pids(root: int) -> dict[int, int]:
@@ -283,7 +293,7 @@ def test_a_hung_rank_stops_a_following_trainer_with_an_error_within_the_timeout(
     )  # fmt: skip
     proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_for(lambda: ckpt.latest_name(tmp_path / "ckpt") is not None, 180)
+        assert wait_for(lambda: versions.latest_name(tmp_path / "ckpt") is not None, 180)
         pids = rank_pids(proc.pid)
         assert set(pids) == {0, 1}, pids
         os.kill(pids[1], signal.SIGSTOP)
@@ -316,15 +326,80 @@ def test_a_sigkilled_trainer_leaves_latest_at_a_complete_version(recorded, tmp_p
     )  # fmt: skip
     proc = start(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(lambda: len(ckpt.version_names(out)) >= 3, 120)
+        assert wait_for(lambda: len(versions.version_names(out)) >= 3, 120)
         time.sleep(0.37)  # somewhere inside the next publication
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
         stop(proc, timeout_s=5)
-    version = ckpt.read_version(out)  # hashes and configs check out
+    version = ckpt.read(out)  # hashes and configs check out
     ckpt.load(version.path)
-    assert version.name == ckpt.version_names(out)[-1]
+    assert version.name == versions.version_names(out)[-1]
+
+
+def test_a_second_run_resumes_the_optimizer_and_the_step_and_records_its_arguments(
+    recorded, tmp_path
+):
+    out = tmp_path / "ckpt"
+    episodes = str(recorded / "PickPlace-v0")
+    common = [
+        "--episodes",
+        episodes,
+        "--out",
+        str(out),
+        "--width",
+        "32",
+        "--publish-every-s",
+        "1e9",
+    ]
+    first = trainer(*common, "--max-steps", "20", "--publish-every-steps", "10")
+    assert first["first_step"] == 0 and first["steps"] == 20 and first["versions_published"] == 2
+    proc = subprocess.run(
+        trainer_command(1, *common, "--max-steps", "30", "--json", "--quiet"),
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    second = last_json(proc.stdout)
+    assert f"continuing from {out / first['latest']} at step 20" in proc.stderr
+    assert second["first_step"] == 20 and second["steps"] == 30
+    version = ckpt.read(out)
+    assert version.manifest["step"] == 30 and version.manifest["args"]["max_steps"] == 30
+    assert version.manifest["args"]["episodes"] == episodes
+    runs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    started = [r for r in runs if "args" in r]
+    assert [r["args"]["max_steps"] for r in started] == [20, 30]
+    assert [r["step"] for r in started] == [0, 20]
+    (out / "resume.safetensors").unlink()  # versions from a trainer that kept no resume state
+    proc = subprocess.run(
+        trainer_command(1, *common, "--max-steps", "5", "--json", "--quiet"),
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "warm start" in proc.stderr
+    assert last_json(proc.stdout)["first_step"] == 0
+
+
+def test_resume_state_round_trips_the_optimizer_exactly(tmp_path):
+    import torch
+
+    from trainer import resume
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    for _ in range(3):
+        model(torch.randn(5, 3)).square().sum().backward()
+        optimizer.step()
+    state = resume.snapshot(optimizer, "v000004", 3)
+    resume.save(tmp_path, state)
+    assert resume.load(tmp_path, "v000003") is None  # another version's state is never used
+    loaded = resume.load(tmp_path, "v000004")
+    fresh = torch.optim.AdamW(model.parameters(), lr=1.0)
+    resume.apply(fresh, resume.ResumeState.zeros(loaded.layout()))  # what other ranks start from
+    resume.apply(fresh, loaded)
+    want, got = optimizer.state_dict(), fresh.state_dict()
+    assert got["param_groups"] == want["param_groups"] and loaded.step == 3
+    for index, entries in want["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(got["state"][index][key], value), (index, key)
 
 
 def test_bad_input_is_a_clear_message(recorded, tmp_path):
@@ -345,17 +420,17 @@ def test_bad_input_is_a_clear_message(recorded, tmp_path):
     )  # fmt: skip
     assert missing.returncode != 0 and "does not exist" in missing.stderr
     config = json.loads(
-        (tmp_path / "ok" / ckpt.resolve(tmp_path / "ok").name / ckpt.CONFIG).read_text()
+        (tmp_path / "ok" / versions.resolve(tmp_path / "ok").name / ckpt.CONFIG).read_text()
     )
     assert config["format"] == ckpt.FORMAT
-    latest = ckpt.resolve(tmp_path / "ok")
+    latest = versions.resolve(tmp_path / "ok")
     (latest / ckpt.CONFIG).write_text(json.dumps({**config, "format": "someone-else/3"}))
     incompatible = subprocess.run(
         trainer_command(1, "--episodes", str(episodes), "--out", str(tmp_path / "ok"), "--max-steps", "3"),
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert incompatible.returncode != 0 and "cannot continue" in incompatible.stderr
-    assert ckpt.version_names(tmp_path / "ok") == [latest.name]  # nothing published was lost
+    assert versions.version_names(tmp_path / "ok") == [latest.name]  # nothing published was lost
 
 
 def test_the_regression_head_learns_low_level_actions(tmp_path):
@@ -368,9 +443,8 @@ def test_the_regression_head_learns_low_level_actions(tmp_path):
         for t in range(20):
             state = rng.normal(size=3).astype(np.float32)
             obs = Observation("robot", f"ep{e}", t, "reach", state=state)
-            book.record(
-                obs, None, Decision(action=np.tanh(state @ w), decided_by="oracle"), {}, "o", "0"
-            )
+            decision = Decision(action=np.tanh(state @ w), decided_by="oracle")
+            book.record(DecideRequest(t, obs), DecisionReply(t, f"ep{e}", t, decision, "o", "0"))
         book.end(EndEpisode(0, "robot", f"ep{e}", 0.0, False, True, None))
         writer.close()
     summary = trainer(
@@ -379,11 +453,11 @@ def test_the_regression_head_learns_low_level_actions(tmp_path):
     )  # fmt: skip
     model, version = ckpt.load(tmp_path / "ckpt")
     assert version.features.action_dim == 2 and summary["steps"] == 300
-    from trainer.student import decide
+    from agent.student.inference import TorchStudent
 
     states = rng.normal(size=(64, 3)).astype(np.float32)
     obs = [Observation("r", "e", 0, "reach", state=s) for s in states]
-    predicted = np.stack([d.action for d in decide(model, Featuriser(version.features), obs)])
+    predicted = np.stack([d.action for d in TorchStudent(model, version.name).decide(obs)])
     target = np.tanh(states @ w)
     assert np.mean((predicted - target) ** 2) < 0.25 * np.mean(target**2)
 

@@ -1,10 +1,9 @@
 """Recorded episodes to training samples: labels, shards, and a growing in-memory dataset.
 
 Labels (docs/episodes.md): a step's teacher label (`teacher_*` columns) where
-it has one, else the executed decision when a teacher made it (`decided_by`
-is a teacher backend, `teacher:*` or `escalated:*`; for files of format 1,
-the episode's backend). The student's own choices and fallbacks are never
-labels. Each step's history is the skills executed before it in its episode.
+it has one, else the executed decision when a teacher made it (the rule of
+`agent.labels`). The student's own choices and fallbacks are never labels.
+Steps, with the history each one saw, come from `agent.store.Episode.steps()`.
 
 Episodes are assigned to ranks and to the held-out set by a stable hash of
 their file name, so every rank agrees without talking, and `--follow` keeps
@@ -22,19 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.messages import Observation, point_sentence
+from agent.labels import is_teacher
+from agent.messages import Observation
 from agent.store import Episode
-from trainer.features import Featuriser
+from agent.student.features import Featuriser
 
-TEACHER_BACKENDS = frozenset({"oracle", "cosmos"})
 VALIDATION_BUCKETS = 10  # one in ten episodes (by name) is held out
-
-
-def is_teacher(decided_by: str | None, backend: str | None) -> bool:
-    """Whether an executed decision is a teacher's (so a label)."""
-    if decided_by is None:  # format 1: the episode's backend decided every step
-        return backend in TEACHER_BACKENDS
-    return decided_by in TEACHER_BACKENDS or decided_by.startswith(("teacher:", "escalated:"))
 
 
 def bucket(episode: Episode, buckets: int) -> int:
@@ -63,59 +55,23 @@ class Labelled:
 
 def samples(episode: Episode, failed_weight: float = 1.0) -> list[Labelled]:
     """The labelled steps of one episode (unlabelled steps still count as history)."""
-    cols = {
-        name: episode.column(name)
-        for name in (
-            "instruction",
-            "options",
-            "state",
-            "images",
-            "skill_index",
-            "skill",
-            "point",
-            "action",
-            "decided_by",
-            "teacher_skill_index",
-            "teacher_action",
-        )
-    }
     backend = episode.meta.get("backend")
     weight = 1.0 if episode.success is not False else failed_weight
-    history: list[str] = []
     out = []
-    for t in range(len(episode)):
-        images = {
-            im["name"]: np.frombuffer(im["data"], np.uint8).reshape(im["height"], im["width"], 3)
-            for im in cols["images"][t]
-        }
-        state = cols["state"][t]
-        obs = Observation(
-            episode.meta.get("robot_id", ""),
-            episode.episode_id,
-            t,
-            cols["instruction"][t] or "",
-            images,
-            None if state is None else np.asarray(state, np.float32),
-            list(cols["options"][t] or []),
-            history=list(history),
-        )
-        teacher = is_teacher(cols["decided_by"][t], backend)
-        skill = cols["teacher_skill_index"][t]
+    for step in episode.steps():
+        obs, decision = step.observation, step.decision
+        label = decision.teacher.decision if decision.teacher is not None else None
+        teacher = is_teacher(decision.decided_by, backend)
+        skill = label.skill_index if label is not None else None
         if skill is None and teacher:
-            skill = cols["skill_index"][t]
-        action = cols["teacher_action"][t]
+            skill = decision.skill_index
+        action = label.action if label is not None else None
         if action is None and teacher and not obs.options:
-            action = cols["action"][t]
+            action = decision.action
         if obs.options and skill is not None and 0 <= skill < len(obs.options):
             out.append(Labelled(obs, int(skill), None, weight))
         elif not obs.options and action is not None:
             out.append(Labelled(obs, None, np.asarray(action, np.float32), weight))
-        executed = cols["skill"][t]
-        point = cols["point"][t]
-        if executed is None and point is not None:
-            executed = point_sentence(*point)
-        if executed is not None:
-            history.append(executed)
     return out
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from agent.files import write_atomically
 
 
 class Metrics:
@@ -90,11 +91,11 @@ def plot_accuracy(ax: Any, records: list[dict[str, Any]]) -> None:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """A matplotlib figure as a PNG, written atomically (temp file, rename), then closed."""
+    """A matplotlib figure as a PNG, written atomically (`agent.files`), then closed."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    finally:
+        plt.close(fig)

@@ -14,16 +14,21 @@
   choice is below P, the teacher's decision is executed instead, recorded as
   `escalated:<name>`.
 
+What `decided_by` says is `agent.labels`'s, which the learners read.
+
 Hot reload passes through to the student; the served identity is the student's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from agent import labels
 from agent.backends.base import Backend, BackendError
 from agent.messages import Decision, Observation, TeacherLabel
 
@@ -34,6 +39,16 @@ def draw(seed: int, robot_id: str, episode_id: str, step: int) -> float:
     """A uniform number in [0, 1) fixed by (seed, robot, episode, step)."""
     key = f"{seed}/{robot_id}/{episode_id}/{step}".encode()
     return struct.unpack("<Q", hashlib.blake2b(key, digest_size=8).digest())[0] / 2**64
+
+
+@dataclass
+class TeachingCounters:
+    decisions: int = 0
+    teacher_acted: int = 0  # mixing (beta) picked the teacher
+    escalated: int = 0  # the student was unsure
+    teacher_calls: int = 0
+    teacher_decisions: int = 0
+    teacher_failed: int = 0
 
 
 class Teaching(Backend):
@@ -66,14 +81,7 @@ class Teaching(Backend):
         self.student, self.teacher = student, teacher
         self.beta, self.escalate_below, self.label, self.seed = beta, escalate_below, label, seed
         self.reload_every_s = student.reload_every_s
-        self.counters = {
-            "decisions": 0,
-            "teacher_acted": 0,
-            "escalated": 0,
-            "teacher_calls": 0,
-            "teacher_decisions": 0,
-            "teacher_failed": 0,
-        }
+        self.counters = TeachingCounters()
 
     @property
     def model_id(self) -> str:
@@ -124,16 +132,16 @@ class Teaching(Backend):
             and (self.label == "every" or mixed[i] or unsure[i])
         ]
         if ask:
-            self.counters["teacher_calls"] += 1
+            self.counters.teacher_calls += 1
             taught = self.teacher.decide([batch[i] for i in ask])
             if len(taught) != len(ask):
                 raise BackendError(f"the teacher returned {len(taught)} decisions for {len(ask)}")
-            self.counters["teacher_decisions"] += len(ask)
+            self.counters.teacher_decisions += len(ask)
             for i, t in zip(ask, taught, strict=True):
                 student = decisions[i]
                 assert isinstance(student, Decision)
                 if isinstance(t, BackendError):  # no label for this step
-                    self.counters["teacher_failed"] += 1
+                    self.counters.teacher_failed += 1
                     if mixed[i] or unsure[i]:  # the teacher was to act and cannot
                         decisions[i] = BackendError(f"the teacher could not decide: {t}")
                     continue
@@ -146,20 +154,23 @@ class Teaching(Backend):
                         skill=t.skill,
                         point=t.point,
                         reasoning=t.reasoning,
-                        decided_by=f"{'teacher' if mixed[i] else 'escalated'}:{teacher_name}",
+                        decided_by=labels.acted(teacher_name, escalated=not mixed[i]),
                         confidence=student.confidence,
                         teacher=label,
                         model_version=student.model_version,
                     )
-                    self.counters["teacher_acted" if mixed[i] else "escalated"] += 1
+                    if mixed[i]:
+                        self.counters.teacher_acted += 1
+                    else:
+                        self.counters.escalated += 1
                     decisions[i] = acted
                 else:
                     student.teacher = label
-        self.counters["decisions"] += len(batch)
+        self.counters.decisions += len(batch)
         return decisions
 
     def stats(self) -> dict[str, Any]:
-        c = dict(self.counters)
+        c: dict[str, Any] = dataclasses.asdict(self.counters)
         n = c["decisions"] or 1
         c["escalation_rate"] = c["escalated"] / n
         c["teacher_share"] = (c["escalated"] + c["teacher_acted"]) / n

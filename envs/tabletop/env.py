@@ -7,17 +7,14 @@ the skill executor renders once per skill, not per physics step.
 
 from __future__ import annotations
 
-import os
 import string
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 from gymnasium import spaces
-
-os.environ.setdefault("MUJOCO_GL", "egl")
-import mujoco
 
 from envs import skills, tasks
 from envs.camera import CameraModel

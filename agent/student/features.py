@@ -2,9 +2,10 @@
 
 One module, used identically by the trainer (on recorded steps), the
 `policy` backend (on served observations), the ONNX export (its input
-signature) and the edge runner, so the student sees the same arrays
-everywhere. Its configuration (`FeatureConfig`) travels in every checkpoint
-and in the ONNX metadata.
+signature) and the ONNX runner, so the student sees the same arrays
+everywhere; `choose` turns the student's scores back into decisions. Its
+configuration (`FeatureConfig`) travels in every version and in the ONNX
+metadata.
 
 What one observation becomes (B = batch):
 
@@ -253,3 +254,15 @@ def choose(
             decision.action = np.asarray(actions[i], np.float32)
         decisions.append(decision)
     return decisions
+
+
+def check_warm_up(scores: np.ndarray, actions: np.ndarray | None, what: str) -> None:
+    """ValueError unless the outputs for `Featuriser.blank` are finite (its two options, actions).
+
+    Run on every new version before it is served, by the torch student and the
+    ONNX runner alike.
+    """
+    if not np.isfinite(scores[:, :2]).all() or (
+        actions is not None and not np.isfinite(actions).all()
+    ):
+        raise ValueError(f"{what} gives non-finite outputs on a warm-up batch")

@@ -1,7 +1,7 @@
 """The student: one multi-task policy that scores each menu option against what it sees.
 
 Plain PyTorch, one module. Inputs are the featuriser's arrays
-(`trainer.features`); normalisation happens inside, so the exported ONNX
+(`agent.student.features`); normalisation happens inside, so the exported ONNX
 graph takes raw uint8 images and raw states.
 
     context = transformer([instruction words; history skills; state; image])
@@ -23,42 +23,15 @@ graph takes raw uint8 images and raw states.
 from __future__ import annotations
 
 import itertools
-import json
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.features import FeatureConfig
+from agent.student.config import ModelConfig
+from agent.student.features import FeatureConfig
 
 NEG = -1e9  # the score of an empty menu slot (finite, so ONNX and softmax stay NaN-free)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    width: int = 64
-    word_dim: int = 32
-    layers: int = 2
-    heads: int = 4
-    channels: tuple[int, ...] = (16, 32, 32)
-    patch: int = 4  # the first conv's kernel and stride
-    dropout: float = 0.1
-    image_dropout: float = 0.3  # training only: drop the image token of this share of samples
-    shift: int = 4  # training only: random shift of up to this many pixels
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> ModelConfig:
-        raw = json.loads(text)
-        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown model config fields {unknown} (written by a newer version?)")
-        if "channels" in raw:
-            raw["channels"] = tuple(raw["channels"])
-        return cls(**raw)
 
 
 class Attention(nn.Module):
