@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 from agent.files import write_atomically
 from agent.messages import Decision, Observation, TeacherLabel
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 METADATA_KEY = b"embodied_agent.episode"
 TMP_DIRNAME = ".tmp"
 log = logging.getLogger(__name__)
@@ -67,9 +67,15 @@ SCHEMA = pa.schema(
         ("teacher_skill", pa.string()),
         ("teacher_action", pa.list_(pa.float32())),
         ("teacher_model", pa.string()),
+        # format 3: the teacher's rationale (what the Cosmos-Reason post-trainer thinks in <think>)
+        ("teacher_reasoning", pa.string()),
     ]
 )
-V2_COLUMNS = SCHEMA.names[SCHEMA.get_field_index("decided_by") :]
+V2_COLUMNS = SCHEMA.names[
+    SCHEMA.get_field_index("decided_by") : SCHEMA.get_field_index("teacher_model") + 1
+]
+V3_COLUMNS = ("teacher_reasoning",)
+ADDED_IN = {2: V2_COLUMNS, 3: V3_COLUMNS}  # columns a file of an older format lacks
 SUMMARY_DEFAULTS = {"seed": None, "task": None}  # format-2 summary fields a v1 file lacks
 
 
@@ -128,6 +134,7 @@ def _row(step: Step) -> dict[str, Any]:
         "teacher_skill": None if teacher is None else teacher.skill,
         "teacher_action": None if teacher is None else _floats(teacher.action),
         "teacher_model": dec.teacher.model if dec.teacher else None,
+        "teacher_reasoning": None if teacher is None else teacher.reasoning,
     }
 
 
@@ -310,6 +317,7 @@ def _decision(row: dict[str, Any]) -> Decision:
             action=_floats_or_none(row["teacher_action"]),
             skill_index=row["teacher_skill_index"],
             skill=row["teacher_skill"],
+            reasoning=row["teacher_reasoning"],
         )
         teacher = TeacherLabel(label, row["teacher_model"] or "")
     point = row["point"]
@@ -329,7 +337,7 @@ def _decision(row: dict[str, Any]) -> Decision:
 def read_episode(path: str | Path) -> Episode:
     """Load one episode file (never unpickles anything); EpisodeError if it is not one.
 
-    Files of format 1 read too: the format-2 columns come back as nulls.
+    Files of older formats read too: the columns added since come back as nulls.
     """
     path = Path(path)
     try:
@@ -349,12 +357,12 @@ def read_episode(path: str | Path) -> Episode:
             f"{path}: episode format {version!r} is not supported (this reader "
             f"reads {list(READABLE_VERSIONS)}); upgrade embodied-agent to read it"
         )
-    if version == 1:
-        for name in V2_COLUMNS:
-            table = table.append_column(
-                SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type)
-            )
-        meta = {**SUMMARY_DEFAULTS, **meta}
+    for added, names in ADDED_IN.items():
+        if version < added:
+            for name in names:
+                field = SCHEMA.field(name)
+                table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    meta = {**SUMMARY_DEFAULTS, **meta}
     missing = [name for name in SCHEMA.names if name not in table.column_names]
     if missing:
         raise EpisodeError(f"{path}: episode file lacks the columns {missing}")

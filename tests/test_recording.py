@@ -22,7 +22,7 @@ from agent.messages import (
     TeacherLabel,
 )
 from agent.recording import EpisodeBook, EpisodeWriter
-from agent.store import TMP_DIRNAME, episode_paths, iter_episodes, read_episode
+from agent.store import FORMAT_VERSION, TMP_DIRNAME, episode_paths, iter_episodes, read_episode
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -66,7 +66,7 @@ def test_episode_round_trip(tmp_path):
     assert (episode.meta["seed"], episode.meta["task"], episode.meta["format_version"]) == (
         5,
         "pick",
-        2,
+        FORMAT_VERSION,
     )
     assert episode.images("image").shape == (3, 4, 5, 3) and episode.images()[2, 0, 0, 0] == 2
     np.testing.assert_array_equal(episode.states()[:, 0], [0, 1, 2])

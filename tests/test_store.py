@@ -18,6 +18,7 @@ from agent.messages import Decision, Observation
 from agent.store import (
     FORMAT_VERSION,
     V2_COLUMNS,
+    V3_COLUMNS,
     EpisodeError,
     Step,
     episode_table,
@@ -54,13 +55,24 @@ def table(episode_id: str, steps: int, image_side: int = 8) -> pa.Table:
 def test_format_1_episodes_still_read():
     """tests/data/episode_v1.parquet was recorded by a real server before format 2."""
     episode = read_episode(DATA / "episode_v1.parquet")
-    assert episode.meta["format_version"] == 1 and FORMAT_VERSION == 2
+    assert episode.meta["format_version"] == 1 and FORMAT_VERSION == 3
     assert episode.meta["env_id"] == "tabletop/PickPlace-v0" and episode.success
     assert episode.images().shape == (len(episode), 224, 224, 3)
     assert episode.skill_indices().min() >= 0
-    for name in V2_COLUMNS:  # the new columns read as nulls
+    for name in (*V2_COLUMNS, *V3_COLUMNS):  # the new columns read as nulls
         assert episode.column(name) == [None] * len(episode)
     assert episode.meta["seed"] is None and episode.meta["task"] is None
+
+
+def test_format_2_episodes_still_read():
+    """tests/data/episode_v2.parquet: an oracle episode recorded by a real server of format 2."""
+    episode = read_episode(DATA / "episode_v2.parquet")
+    assert episode.meta["format_version"] == 2 and episode.meta["seed"] == 70
+    assert episode.column("teacher_reasoning") == [None] * len(episode)
+    steps = episode.steps()
+    assert [s.decision.decided_by for s in steps] == ["oracle"] * len(episode)
+    assert all(s.decision.reasoning for s in steps)  # the oracle's rationale, in `reasoning`
+    assert steps[-1].observation.history == [s.decision.skill for s in steps[:-1]]
 
 
 def test_bad_files_are_clear_errors(tmp_path):

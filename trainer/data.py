@@ -45,12 +45,13 @@ def shard_of(episode: Episode, world: int) -> int:
 
 @dataclass
 class Labelled:
-    """One step as the student sees it, with its label."""
+    """One step as a learner sees it, with its label."""
 
     observation: Observation
     skill: int | None  # the teacher's option index, or None
     action: np.ndarray | None  # the teacher's low-level action, or None
     weight: float = 1.0
+    rationale: str | None = None  # the teacher's reasoning for it, where recorded
 
 
 def samples(episode: Episode, failed_weight: float = 1.0) -> list[Labelled]:
@@ -68,10 +69,13 @@ def samples(episode: Episode, failed_weight: float = 1.0) -> list[Labelled]:
         action = label.action if label is not None else None
         if action is None and teacher and not obs.options:
             action = decision.action
+        rationale = label.reasoning if label is not None else None
+        if rationale is None and teacher:
+            rationale = decision.reasoning
         if obs.options and skill is not None and 0 <= skill < len(obs.options):
-            out.append(Labelled(obs, int(skill), None, weight))
+            out.append(Labelled(obs, int(skill), None, weight, rationale))
         elif not obs.options and action is not None:
-            out.append(Labelled(obs, None, np.asarray(action, np.float32), weight))
+            out.append(Labelled(obs, None, np.asarray(action, np.float32), weight, rationale))
     return out
 
 
