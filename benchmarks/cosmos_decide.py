@@ -170,10 +170,11 @@ def in_process(backend, robots: int, repeats: int = 2) -> dict[str, Any]:
 
 
 def prompt_tokens(backend) -> dict[str, int]:
-    prompt = backend._prompt(observations(1)[0], remember=False)
-    inputs = backend._encode([prompt])
-    ids = inputs["input_ids"][0]
-    image_id = backend.model_obj.config.image_token_id
+    obs = observations(1)[0]
+    cosmos = backend.current.cosmos
+    prompt = cosmos.prompt(obs.instruction, obs.options, obs.history, backend.pick_image(obs))
+    ids = cosmos.encode([prompt])["input_ids"][0]
+    image_id = cosmos.model.config.image_token_id
     return {"prompt_tokens": int(ids.numel()), "image_tokens": int((ids == image_id).sum())}
 
 
@@ -182,7 +183,7 @@ def prompt_tokens(backend) -> dict[str, int]:
 
 def tiny_backend(directory: Path, tokens: int):
     from agent.backends.cosmos import CosmosBackend
-    from agent.backends.tiny_vlm import save_tiny_vlm
+    from agent.cosmos.tiny import save_tiny_vlm
 
     save_tiny_vlm(directory, "qwen2_5_vl")
     return CosmosBackend(ENV, str(directory), device="cpu", **backend_options(tokens))
@@ -194,13 +195,13 @@ def random_7b_backend(tokens: int, device: str):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from agent.backends.cosmos import CosmosBackend
-    from agent.backends.tiny_vlm import (
+    from agent.cosmos.loading import build_processor
+    from agent.cosmos.tiny import (
         CHAT_TEMPLATE,
         SPECIAL_TOKENS,
         build_image_processor,
         build_tokenizer,
     )
-    from agent.backends.vlm_loading import build_processor
 
     tokenizer = build_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}

@@ -23,9 +23,9 @@ import envs
 from agent.backends import BackendError, EnvInfo, load_backend
 from agent.backends.base import parse_options
 from agent.backends.cosmos import CosmosOptions, remember_frame
-from agent.backends.tiny_vlm import save_tiny_vlm
-from agent.backends.vlm_loading import has_video_support
 from agent.client import AgentClient
+from agent.cosmos.loading import has_video_support
+from agent.cosmos.tiny import save_tiny_vlm
 from agent.envspec import describe_env
 from agent.launch import free_port
 from agent.messages import Observation

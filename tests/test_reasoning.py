@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.reasoning import (
+from agent.cosmos.reasoning import (
     CHOICE_SUFFIX,
     REASON1_SYSTEM,
     REASON2_FORMAT,

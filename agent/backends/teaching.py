@@ -16,7 +16,9 @@
 
 What `decided_by` says is `agent.labels`'s, which the learners read.
 
-Hot reload passes through to the student; the served identity is the student's.
+Hot reload: new versions of the student and of a versioned teacher (a
+post-trained Cosmos-Reason CKPT) are both picked up; the served identity is
+the student's.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ def draw(seed: int, robot_id: str, episode_id: str, step: int) -> float:
     """A uniform number in [0, 1) fixed by (seed, robot, episode, step)."""
     key = f"{seed}/{robot_id}/{episode_id}/{step}".encode()
     return struct.unpack("<Q", hashlib.blake2b(key, digest_size=8).digest())[0] / 2**64
+
+
+@dataclass
+class Loaded:
+    """New versions of the student and the teacher, either of which may be None."""
+
+    student: Any = None
+    teacher: Any = None
 
 
 @dataclass
@@ -80,7 +90,8 @@ class Teaching(Backend):
         self.options = None
         self.student, self.teacher = student, teacher
         self.beta, self.escalate_below, self.label, self.seed = beta, escalate_below, label, seed
-        self.reload_every_s = student.reload_every_s
+        every = [e for e in (student.reload_every_s, teacher.reload_every_s) if e is not None]
+        self.reload_every_s = min(every) if every else None
         self.counters = TeachingCounters()
 
     @property
@@ -95,11 +106,26 @@ class Teaching(Backend):
         self.student.warmup()
         self.teacher.warmup()
 
-    def load_version(self) -> Any | None:
-        return self.student.load_version()
+    def load_version(self) -> Loaded | None:
+        """Whatever is new of either; a refusal of one does not hold back the other's version
+        (each counts its refusals in its own stats)."""
+        loaded, refused = Loaded(), []
+        for role in ("student", "teacher"):
+            try:
+                setattr(loaded, role, getattr(self, role).load_version())
+            except BackendError as exc:
+                refused.append(f"{role}: {exc}")
+        if loaded.student is None and loaded.teacher is None:
+            if refused:
+                raise BackendError("; ".join(refused))
+            return None
+        return loaded
 
-    def swap(self, loaded: Any) -> None:
-        self.student.swap(loaded)
+    def swap(self, loaded: Loaded) -> None:
+        if loaded.student is not None:
+            self.student.swap(loaded.student)
+        if loaded.teacher is not None:
+            self.teacher.swap(loaded.teacher)
 
     def check(self, obs: Observation) -> None:
         """The student must be able to decide; the teacher too when it labels every step

@@ -117,10 +117,38 @@ def _saved_chat_template(path: str) -> str | None:
     return None
 
 
+def save_vlm(directory: str | Path, model: Any, processor: Any) -> None:
+    """Write `model` and `processor` so that `load_model` and `load_processor` read them back:
+    `save_pretrained` files, the processor class named for AutoProcessor, the chat template."""
+    import json
+
+    _quiet()
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if has_video_support() and getattr(processor, "video_processor", None) is not None:
+        processor.save_pretrained(directory)
+        return
+    processor.tokenizer.save_pretrained(directory)
+    processor.image_processor.save_pretrained(directory)
+    config_file = directory / "preprocessor_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["processor_class"] = PROCESSOR_CLASSES[model.config.model_type]
+    config_file.write_text(json.dumps(saved, indent=2))
+    (directory / "chat_template.jinja").write_text(processor.chat_template)
+
+
 def load_model(path: str, model_type: str, dtype: Any, device: str):
     """The model class named by the config, weights in `dtype` on `device`, eval mode."""
     import transformers
 
+    _quiet()
     cls = getattr(transformers, MODEL_CLASSES[model_type])
     model = cls.from_pretrained(path, dtype=dtype)
     return model.to(device).eval()
+
+
+def _quiet() -> None:
+    """No per-shard progress bars in servers' and trainers' logs (a version loads every reload)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

@@ -1,5 +1,11 @@
 """Cosmos-Reason prompts and answers as pure functions (no torch, no I/O).
 
+The one prompt builder: the `cosmos` backend asks exactly what the
+post-trainer (`trainer.cosmos`) trains on, from the same observation
+(instruction, skill menu, the episode's executed skills), with the same
+`PromptSpec`, which travels in every Cosmos version (`agent.cosmos.checkpoint`).
+`answer_text` writes the official answer format the trainer's targets use.
+
 Two conventions, both from the official Cosmos-Reason repositories:
 
 - ``reason1`` (Cosmos-Reason1, Qwen2.5-VL): the system prompt asks for
@@ -14,9 +20,11 @@ Two conventions, both from the official Cosmos-Reason repositories:
 
 from __future__ import annotations
 
+import json
 import re
 import string
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 Style = Literal["reason1", "reason2"]
@@ -37,6 +45,8 @@ POINT_HINT = (
     '{"point_2d": [x, y]}, with x and y normalised to 0..1000.'
 )
 POINT_RANGE = (0.0, 1000.0)
+HISTORY_PREFIX = "Skills done so far, most recent first:"
+DEFAULT_HISTORY = 12  # executed skills a prompt shows (Sort's whole episode)
 
 _LETTERS = string.ascii_uppercase
 _POINT = re.compile(r'"?point_2d"?\s*:\s*\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]')
@@ -74,14 +84,70 @@ def option_letter(index: int) -> str:
     return _LETTERS[index]
 
 
-def format_question(instruction: str, options: list[str], allow_point: bool = False) -> str:
-    """The embodied next-action question as multiple choice, official wording."""
+@dataclass(frozen=True)
+class PromptSpec:
+    """How observations become prompts; saved with every Cosmos version so the backend asks
+    what the version was trained on."""
+
+    style: Style
+    history: int = DEFAULT_HISTORY  # executed skills shown, most recent first (0: no line)
+    points: bool = False  # also offer {"point_2d": [x, y]} answers (Reason2)
+    image: bool = True  # False: a text-only model (the blind baseline), shown no image
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"unknown prompt style {self.style!r}; choose one of {STYLES}")
+        if not isinstance(self.history, int) or self.history < 0:
+            raise ValueError(f"history must be a whole number >= 0, got {self.history!r}")
+
+    @property
+    def allow_point(self) -> bool:
+        return self.points and self.style == "reason2"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> PromptSpec:
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or set(raw) - set(cls.__dataclass_fields__):
+            raise ValueError(f"not a prompt spec: {str(raw)[:80]}")
+        return cls(**raw)
+
+    def question(
+        self, instruction: str, options: Sequence[str], history: Sequence[str] | None
+    ) -> str:
+        """The question of one observation (`history`: its executed skills, oldest first;
+        None: a prompt without the history line, as when the history is unknown)."""
+        shown = None if history is None or not self.history else list(history)[-self.history :]
+        return format_question(instruction, list(options), self.allow_point, shown)
+
+
+def history_line(history: Sequence[str]) -> str:
+    """The executed skills (oldest first in `history`) as one line, most recent first."""
+    done = "; ".join(skill.strip() for skill in reversed(history)) if history else "none"
+    return f"{HISTORY_PREFIX} {done}."
+
+
+def format_question(
+    instruction: str,
+    options: list[str],
+    allow_point: bool = False,
+    history: Sequence[str] | None = None,
+) -> str:
+    """The embodied next-action question as multiple choice, official wording.
+
+    `history` (oldest first) adds a line of the skills executed so far, most
+    recent first (the paper's "previous subtask" framing): most recent first
+    puts the skill that decides the next one at the same place in every prompt.
+    """
     if not options and not allow_point:
         raise ValueError("a next-action question needs at least one option or allow_point")
     if len(options) > len(_LETTERS):
         raise ValueError(f"{len(options)} options do not fit the letters A..Z")
     lines = [
         f"The robot's task: {instruction.strip()}" if instruction.strip() else "",
+        history_line(history) if history is not None else "",
         "What is the next action the robot should take?",
     ]
     lines += [f"({option_letter(i)}) {option.strip()}" for i, option in enumerate(options)]
@@ -113,6 +179,18 @@ def build_messages(style: Style, question: str, media: list[str]) -> list[dict[s
         {"role": "system", "content": [{"type": "text", "text": system}]},
         {"role": "user", "content": user},
     ]
+
+
+def answer_text(style: Style, choice: int, reasoning: str = "") -> str:
+    """A completion in the official format: `reasoning` in <think>, then option `choice`'s letter
+    (Reason1 inside <answer>, Reason2 right after </think>). The post-trainer's SFT target."""
+    letter = option_letter(choice)
+    think = f"<think>\n{reasoning.strip()}\n</think>\n\n"
+    if style == "reason1":
+        return f"{think}<answer>\n{letter}\n</answer>"
+    if style == "reason2":
+        return f"{think}{letter}"
+    raise ValueError(f"unknown prompt style {style!r}; choose one of {STYLES}")
 
 
 def split_reasoning(text: str, style: Style) -> tuple[str, str] | None:

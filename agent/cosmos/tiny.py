@@ -1,10 +1,15 @@
-"""Tiny random Cosmos-Reason look-alikes for tests and CPU benchmarks (no download).
+"""Tiny Cosmos-Reason look-alikes, built here from a config (no download), small enough to
+learn on a CPU.
 
-`save_tiny_vlm(dir, "qwen2_5_vl" | "qwen3_vl")` writes a directory that loads
-through the same `from_pretrained` path as nvidia/Cosmos-Reason1-7B or
-Cosmos-Reason2-8B: a random Qwen2.5-VL / Qwen3-VL built from a small config, a
-byte-level BPE tokenizer trained here with the `tokenizers` library, the real
-Qwen2-VL image processor and a Qwen-style chat template.
+`build_tiny_vlm("qwen2_5_vl" | "qwen3_vl", texts)` builds the real
+architecture (Qwen2.5-VL for Reason1, Qwen3-VL for Reason2) from a small
+config, with a byte-level BPE tokenizer trained here (`tokenizers`) on the
+prompt templates and `texts` (the post-trainer passes the recorded
+episodes' instructions, skills and rationales, so every word of the env is
+one token), the real Qwen2-VL image processor and a Qwen-style chat
+template. `save_tiny_vlm(dir, ...)` writes it the way `save_pretrained`
+does, so it loads through the same `from_pretrained` path as
+nvidia/Cosmos-Reason1-7B or Cosmos-Reason2-8B.
 
 With `scripted_answer` the weights are set so that greedy *and* sampled
 decoding emit exactly that text, then end the turn: every decoder layer's
@@ -17,8 +22,19 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from agent.cosmos.reasoning import (
+    CHOICE_SUFFIX,
+    HISTORY_PREFIX,
+    POINT_HINT,
+    REASON1_SYSTEM,
+    REASON2_FORMAT,
+    REASON2_SYSTEM,
+)
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -46,6 +62,16 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+# What every prompt says, whatever the env: a tokenizer built for episodes learns these words too.
+TEMPLATES = [
+    REASON1_SYSTEM,
+    REASON2_SYSTEM,
+    REASON2_FORMAT,
+    CHOICE_SUFFIX,
+    POINT_HINT,
+    f"{HISTORY_PREFIX} none.",
+    "The robot's task: What is the next action the robot should take?",
+]
 _CORPUS = [
     "You are a helpful assistant. Answer the question in the following format:",
     "<think> your reasoning </think> <answer> your answer </answer>",
@@ -65,8 +91,19 @@ IMAGE_NORM = {
 }
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A Qwen2 tokenizer with a byte-level BPE vocabulary trained on a few sentences."""
+@dataclass(frozen=True)
+class TinySize:
+    """How big a tiny look-alike is (docs/cosmos.md: which size learns best on a CPU)."""
+
+    hidden: int = 128  # language model width
+    layers: int = 2  # language model decoder layers
+    vision: int = 64  # vision tower width (2 blocks)
+    max_pixels: int = 112 * 112  # image processor budget: 112 px -> 16 image tokens
+
+
+def build_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512):
+    """A Qwen2 tokenizer with a byte-level BPE vocabulary trained on the prompt templates and
+    `texts`: words seen often enough become single tokens; anything else still encodes."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -78,7 +115,8 @@ def build_tokenizer(vocab_size: int = 512):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_CORPUS * 4, trainer)
+    texts = list(texts)
+    bpe.train_from_iterator([*(_CORPUS * 4), *((TEMPLATES * 4) if texts else []), *texts], trainer)
     trained = json.loads(bpe.to_str())["model"]
     tokenizer = Qwen2Tokenizer(
         vocab=trained["vocab"],
@@ -111,7 +149,9 @@ def build_image_processor(model_type: str, max_pixels: int = 112 * 112):
     )
 
 
-def tiny_config(model_type: str, tokenizer: Any, hidden: int = 64, layers: int = 2):
+def tiny_config(
+    model_type: str, tokenizer: Any, hidden: int = 64, layers: int = 2, vision_width: int = 32
+):
     """A small config of the real architecture, token ids matching `tokenizer`."""
     from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
@@ -133,9 +173,9 @@ def tiny_config(model_type: str, tokenizer: Any, hidden: int = 64, layers: int =
     section[0] += head_dim // 2 - sum(section)
     vision = dict(
         depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
+        hidden_size=vision_width,
+        intermediate_size=2 * vision_width,
+        num_heads=max(2, vision_width // 32),
         out_hidden_size=hidden,
         patch_size=PATCH_SIZE[model_type],
     )
@@ -200,6 +240,31 @@ def script_answer(model: Any, tokenizer: Any, answer: str) -> None:
             head[following, k] = 10.0
 
 
+def build_tiny_vlm(
+    model_type: str = "qwen2_5_vl",
+    texts: Iterable[str] = (),
+    size: TinySize = TinySize(hidden=64, layers=2, vision=32),
+    *,
+    seed: int = 0,
+) -> tuple[Any, Any]:
+    """A random tiny look-alike in memory: (model, processor), tokenizer trained on `texts`."""
+    import torch
+    import transformers
+
+    from agent.cosmos.loading import MODEL_CLASSES, build_processor
+
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"unknown tiny model type {model_type!r}; use qwen2_5_vl or qwen3_vl")
+    tokenizer = build_tokenizer(texts, vocab_size=2048 if texts else 512)
+    config = tiny_config(model_type, tokenizer, size.hidden, size.layers, size.vision)
+    torch.manual_seed(seed)
+    model = getattr(transformers, MODEL_CLASSES[model_type])(config).eval()
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = build_image_processor(model_type, max_pixels=size.max_pixels)
+    return model, build_processor(model_type, image_processor, tokenizer, CHAT_TEMPLATE)
+
+
 def save_tiny_vlm(
     directory: str | Path,
     model_type: str = "qwen2_5_vl",
@@ -210,29 +275,12 @@ def save_tiny_vlm(
     max_pixels: int = 112 * 112,
     seed: int = 0,
 ) -> Path:
-    """Write model + tokenizer + processor files the way `save_pretrained` does."""
-    import torch
-    import transformers
+    """Write a tiny look-alike the way `save_pretrained` does (tests: scripted answers)."""
+    from agent.cosmos.loading import save_vlm
 
-    from agent.backends.vlm_loading import MODEL_CLASSES, PROCESSOR_CLASSES
-
-    directory = Path(directory)
-    tokenizer = build_tokenizer()
-    config = tiny_config(model_type, tokenizer, hidden=hidden, layers=layers)
-    torch.manual_seed(seed)
-    model = getattr(transformers, MODEL_CLASSES[model_type])(config).eval()
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    size = TinySize(hidden=hidden, layers=layers, vision=32, max_pixels=max_pixels)
+    model, processor = build_tiny_vlm(model_type, size=size, seed=seed)
     if scripted_answer is not None:
-        script_answer(model, tokenizer, scripted_answer)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    image_processor = build_image_processor(model_type, max_pixels=max_pixels)
-    image_processor.save_pretrained(directory)
-    # Real checkpoints name their processor class here; AutoProcessor reads it.
-    config_file = directory / "preprocessor_config.json"
-    saved = json.loads(config_file.read_text())
-    saved["processor_class"] = PROCESSOR_CLASSES[model_type]
-    config_file.write_text(json.dumps(saved, indent=2))
-    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return directory
+        script_answer(model, processor.tokenizer, scripted_answer)
+    save_vlm(directory, model, processor)
+    return Path(directory)
