@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def fsync(path: str | Path) -> None:
@@ -71,4 +72,14 @@ def sha256(path: str | Path) -> str:
     with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_digest(state_dict: dict[str, Any]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (equal digests: equal weights)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()

@@ -158,9 +158,10 @@ def run_robots(
     return run(cmd, timeout_s=timeout_s, what=f"the robot loop on {env_id}")
 
 
-def trainer_command(ranks: int, *args: str) -> list[str]:
-    """`python -m trainer *args`, under `horovodrun -np ranks` when ranks > 1."""
-    cmd = [sys.executable, "-m", "trainer", *args]
+def trainer_command(ranks: int, *args: str, module: str = "trainer") -> list[str]:
+    """`python -m trainer *args` (or another trainer `module`, e.g. trainer.cosmos), under
+    `horovodrun -np ranks` when ranks > 1."""
+    cmd = [sys.executable, "-m", module, *args]
     if ranks > 1:
         cmd = [
             str(BIN / "horovodrun"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agent import versions
-from agent.files import sha256
+from agent.files import sha256, weights_digest
 from agent.launch import last_json, run, start, stop, trainer_command
 from agent.messages import (
     DecideRequest,
@@ -158,7 +158,7 @@ def test_published_versions_load_back_bit_identically_and_refuse_tampering(tmp_p
     assert (tmp_path / "LATEST").read_text().strip() == "v000003"
     loaded, version = ckpt.load(tmp_path)
     assert version.manifest["step"] == 3
-    assert ckpt.weights_digest(loaded.state_dict()) == ckpt.weights_digest(model.state_dict())
+    assert weights_digest(loaded.state_dict()) == weights_digest(model.state_dict())
 
     weights = path / ckpt.WEIGHTS
     blob = bytearray(weights.read_bytes())
@@ -210,7 +210,7 @@ def test_two_ranks_with_shadowsync_publish_a_version_equal_to_every_replica(reco
     assert version.name == summary["latest"] and version.manifest["watermark"]["episodes"] == 16
     digests = summary["replica_digests"]
     assert len(digests) == 2 and len(set(digests)) == 1  # the final average made them equal
-    assert ckpt.weights_digest(model.state_dict()) == digests[0]  # bit-identical on reload
+    assert weights_digest(model.state_dict()) == digests[0]  # bit-identical on reload
     png = out / version.name / "learning_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -352,8 +352,10 @@ def test_a_second_run_resumes_the_optimizer_and_the_step_and_records_its_argumen
         "--publish-every-s",
         "1e9",
     ]
-    first = trainer(*common, "--max-steps", "20", "--publish-every-steps", "10")
-    assert first["first_step"] == 0 and first["steps"] == 20 and first["versions_published"] == 2
+    # one publication, at step 20 (a second, earlier one could be held back by the held-out
+    # accuracy of a few decisions, which depends on the fixture's episode split)
+    first = trainer(*common, "--max-steps", "20", "--publish-every-steps", "20")
+    assert first["first_step"] == 0 and first["steps"] == 20 and first["versions_published"] == 1
     proc = subprocess.run(
         trainer_command(1, *common, "--max-steps", "30", "--json", "--quiet"),
         capture_output=True, text=True, timeout=240,

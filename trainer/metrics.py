@@ -49,8 +49,11 @@ class Metrics:
                 if key not in ("time", "step") and number and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
 
-    def plot(self, path: Path) -> None:
-        """Loss and accuracies against steps, published versions marked."""
+    def plot(
+        self, path: Path, key: str = "loss", label: str = "training loss", log: bool = True
+    ) -> None:
+        """`key` (the loss; GRPO: the reward) and accuracies against steps, published versions
+        marked."""
         if not self.enabled:
             return
         import matplotlib
@@ -58,10 +61,10 @@ class Metrics:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        train = [r for r in self.records if "loss" in r]
+        train = [r for r in self.records if key in r]
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-        left.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:red")
-        left.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
+        left.plot([r["step"] for r in train], [r[key] for r in train], color="tab:red")
+        left.set(xlabel="step", ylabel=label, yscale="log" if log else "linear", title=label)
         plot_accuracy(right, self.records)
         right.set(title="accuracy")
         save_figure(fig, path)
@@ -75,11 +78,15 @@ class Metrics:
 
 def plot_accuracy(ax: Any, records: list[dict[str, Any]]) -> None:
     """Train and held-out decision accuracy of metrics records against steps; grey: published."""
-    train = [r for r in records if "loss" in r]
+    train = [r for r in records if "train_accuracy" in r]
     val = [r for r in records if r.get("validation_accuracy") is not None]
-    ax.plot(
-        [r["step"] for r in train], [r["train_accuracy"] for r in train], alpha=0.6, label="train"
-    )
+    if train:
+        ax.plot(
+            [r["step"] for r in train],
+            [r["train_accuracy"] for r in train],
+            alpha=0.6,
+            label="train",
+        )
     ax.plot(
         [r["step"] for r in val], [r["validation_accuracy"] for r in val], "o-", label="held-out"
     )

@@ -15,7 +15,6 @@ where tensors are read or written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,16 +109,6 @@ def load(path: str | Path, device: str = "cpu") -> tuple[Student, StudentVersion
         )
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), version
-
-
-def weights_digest(state_dict: dict[str, Any]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes (equal digests: equal weights)."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
 
 
 ExtraFiles = Callable[[Path, str, "Student"], None]
