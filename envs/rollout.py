@@ -146,6 +146,27 @@ class LocalPolicy:
         pass
 
 
+class RandomChoice:
+    """The baseline every learner is shown next to: a uniformly random option of the menu at
+    every step (seeded)."""
+
+    model_version = "random"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def start_episode(self, env: gym.Env, episode_id: str, seed: int | None) -> None:
+        pass
+
+    def decide(self, env: gym.Env, obs: Any, info: dict[str, Any], **_: Any) -> Decision:
+        options = info["options"]
+        pick = int(self.rng.integers(len(options)))
+        return Decision(skill_index=pick, skill=options[pick], decided_by="random")
+
+    def end_episode(self, **_: Any) -> None:
+        pass
+
+
 def execute(env: gym.Env, decision: Decision) -> tuple[Any, float, bool, bool, dict[str, Any]]:
     """Carry out a decision: a skill or image point on a skill env, else a low-level action."""
     if isinstance(env, SkillChoiceEnv):

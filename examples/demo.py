@@ -71,34 +71,10 @@ QUICK = Settings(first_teach=5, teach=10, dagger=2, eval_seeds=4, train_minutes=
 QUICK_TASKS = ("tabletop/PickPlace-v0", "tabletop/Stack-v0")  # random choices never solve these
 
 
-class RandomChoice:
-    """The baseline: a uniformly random option of the menu at every step."""
-
-    model_version = "random"
-
-    def __init__(self, seed: int) -> None:
-        import numpy as np
-
-        self.rng = np.random.default_rng(seed)
-
-    def start_episode(self, *_: Any) -> None:
-        pass
-
-    def decide(self, env: Any, obs: Any, info: dict[str, Any], **_: Any) -> Any:
-        from agent.messages import Decision
-
-        options = info["options"]
-        pick = int(self.rng.integers(len(options)))
-        return Decision(skill_index=pick, skill=options[pick], decided_by="random")
-
-    def end_episode(self, **_: Any) -> None:
-        pass
-
-
 def random_success(tasks: tuple[str, ...], s: Settings) -> dict[str, Any]:
     """Success of random menu choices on the held-out seeds (in process, fast)."""
     import envs
-    from envs.rollout import run_episode
+    from envs.rollout import RandomChoice, run_episode
 
     rates = {}
     for env_id in tasks:

@@ -132,3 +132,21 @@ def test_edge_benchmark_compares_torch_and_onnx(trained, recorded):
     assert result["success"]["ort_fp32"] == result["success"]["torch_eager"]
     int8_goals = [v for k, v in result["goals"].items() if k.startswith("int8")]
     assert len(int8_goals) == 2 and (all(int8_goals) or result["why"])  # a miss says why
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cosmos_posttrain_benchmark_runs_every_stage(tmp_path):
+    result = run_json(
+        "benchmarks/cosmos_posttrain.py", "--quick", "--json", "--out", str(tmp_path),
+        timeout=560,
+    )  # fmt: skip
+    assert set(result["runs"]) == {"sft", "grpo_early"}
+    assert result["runs"]["sft"]["ranks"] == 2 and result["runs"]["sft"]["steps"] > 0
+    for name in ("before", "sft", "grpo_early"):
+        assert set(result["accuracy"][name]) >= {"with_history", "camera_only", "image_zeroed"}
+    assert result["accuracy"]["before"]["with_history"]["parse_rate"] < 0.5  # a random model
+    loop = result["closed_loop"]["sft"]["tabletop/PickPlace-v0"]
+    assert loop["decisions"] > 0 and 0 <= loop["success"] <= 1
+    assert result["latency_8_robots"]["p50_ms"] > 0
+    assert Path(result["curves"]).is_file()
