@@ -10,7 +10,7 @@ runtime. Everything else is an extra named by what it enables (pyproject.toml):
 | `learn` | the trainer, the `policy` backend | torch, safetensors, pyarrow, matplotlib, tensorboard |
 | `export` | `python -m export` (ONNX export, int8) | `learn` + onnx, onnxscript, onnxruntime |
 | `edge` | the ONNX runner, `--backend onnx`, `examples/edge_robot.py` | onnxruntime, pillow |
-| `cosmos` | the Cosmos-Reason backend | torch, transformers, tokenizers |
+| `cosmos` | the Cosmos-Reason backend, `python -m trainer.cosmos` (with `learn`) | torch, transformers, tokenizers, peft |
 | `openpi` | `agent serve --openpi-port` | websockets |
 """
 
@@ -24,7 +24,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "learn": ("torch", "safetensors", "pyarrow", "matplotlib"),
     "export": ("torch", "onnx", "onnxscript", "onnxruntime"),
     "edge": ("onnxruntime", "PIL"),
-    "cosmos": ("torch", "transformers", "tokenizers"),
+    "cosmos": ("torch", "transformers", "tokenizers", "peft"),
     "openpi": ("websockets",),
 }
 

@@ -266,3 +266,38 @@ def test_the_cosmos_trainer_says_what_is_wrong(tmp_path):
     cmd = trainer_command(1, "--help", module="trainer.cosmos")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "sft" in done.stdout and "grpo" in done.stdout
+
+
+def test_lora_versions_hold_an_adapter_that_loads_merged_over_its_base(recorded, tmp_path):
+    """`--lora-rank`: the language model's linear layers get adapters, the vision tower stays
+    frozen, a version holds the adapter and names its base; loading merges it."""
+    from agent.cosmos.loading import save_vlm
+    from agent.cosmos.tiny import TinySize, build_tiny_vlm
+    from trainer.cosmos.train import texts_of
+
+    model, processor = build_tiny_vlm(
+        "qwen2_5_vl", texts_of(list(iter_episodes(recorded))), TinySize(64, 2, 32)
+    )
+    base = tmp_path / "base"
+    save_vlm(base, model, processor)
+    out = tmp_path / "lora"
+    cmd = trainer_command(
+        1, "sft", "--episodes", str(recorded), "--out", str(out), "--base", str(base),
+        "--lora-rank", "4", "--max-steps", "20", "--publish-every-s", "1e9", *SFT,
+        "--validation-limit", "0", module="trainer.cosmos",
+    )  # fmt: skip
+    summary = run(cmd, timeout_s=240, what="a LoRA SFT")
+    assert (
+        summary["lora_base"] == str(base)
+        and summary["trained_parameters"] < summary["parameters"] / 4
+    )
+    version = checkpoint.read(out)
+    assert version.base == str(base) and "adapter_model.safetensors" in version.version.files
+    assert "model.safetensors" not in version.version.files  # the adapter only
+    merged, _ = checkpoint.load(out)
+    after = dict(merged.model.named_parameters())
+    assert not any("lora" in name for name in after)  # merged into the base's layers
+    before = dict(model.named_parameters())
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "visual" in k)  # frozen
+    changed = [k for k, v in before.items() if not torch.equal(after[k], v)]
+    assert changed and all("language_model" in k and "proj" in k for k in changed)
