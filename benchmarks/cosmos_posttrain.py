@@ -2,6 +2,7 @@
 
     python benchmarks/cosmos_posttrain.py --json            # the full run (about 75 minutes on 2 cores)
     python benchmarks/cosmos_posttrain.py --quick --json    # a smoke run (tests)
+    python benchmarks/cosmos_posttrain.py --json --resume   # reuse the runs an interrupted one finished
 
 1. Record: `agent serve` with the oracle records episodes of every tabletop
    task (seeds 0..N-1) and, for decision accuracy, held-out oracle episodes on
@@ -30,6 +31,7 @@ Prints a table per part and, with --json, one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -62,7 +64,9 @@ def record(out: Path, tasks: tuple[str, ...], episodes: int, seed: int, robots: 
     for env_id in tasks:
         target = out / env_id.split("/")[-1]
         if target.is_dir() and len(list(target.glob("*.parquet"))) >= episodes:
-            success[env_id] = None  # recorded by an earlier run
+            from agent.store import iter_episodes  # recorded by an earlier run: as it ended
+
+            success[env_id] = float(np.mean([bool(e.success) for e in iter_episodes(target)]))
             continue
         shutil.rmtree(target, ignore_errors=True)
         with serving(env_id, "--record", str(target)) as (endpoint, _):
@@ -72,7 +76,16 @@ def record(out: Path, tasks: tuple[str, ...], episodes: int, seed: int, robots: 
     return success
 
 
-def train(algorithm: str, ranks: int, data: Path, out: Path, minutes: float, *extra: str) -> dict:
+def train(
+    algorithm: str, ranks: int, data: Path, out: Path, minutes: float, *extra: str, resume: bool
+) -> dict:
+    """One trainer run into `out`; its summary is kept beside it (out.json) so that --resume
+    reuses a run an interrupted benchmark finished."""
+    done = out.with_suffix(".json")
+    if resume and done.is_file() and (out / "LATEST").is_file():
+        note(f"{algorithm} {out.name}: reusing the finished run ({done})")
+        return json.loads(done.read_text())
+    done.unlink(missing_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     cmd = trainer_command(
         ranks, algorithm, "--episodes", str(data), "--out", str(out),
@@ -82,6 +95,7 @@ def train(algorithm: str, ranks: int, data: Path, out: Path, minutes: float, *ex
     started = time.monotonic()
     summary = run(cmd, timeout_s=60 * minutes + 900, what=f"trainer.cosmos {algorithm}")
     summary["wall_s"] = time.monotonic() - started
+    done.write_text(json.dumps(summary))
     note(
         f"{algorithm} ({ranks} rank(s)) {out.name}: {summary['steps']} steps, "
         f"{summary['samples_per_s']:.1f} samples/s, {summary['versions_published']} versions"
@@ -247,11 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainer-opt", action="append", default=[], help="extra trainer argument")
     p.add_argument("--out", type=Path, default=Path("runs/cosmos_posttrain"))
     p.add_argument("--quick", action="store_true", help="a smoke run: one task, tiny sizes")
+    p.add_argument(
+        "--resume", action="store_true", help="reuse the runs an interrupted benchmark finished"
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     tasks = tuple(args.tasks.split(","))
     extra = list(args.trainer_opt)
-    sft_extra, grpo_extra = ["--drop-history", "0.25"], ["--batch-size", "4", "--lr", "3e-4"]
+    sft_extra, grpo_extra = (
+        ["--drop-history", "0.25"],
+        ["--batch-size", "8", "--lr", "2e-4", "--shuffle", "0"],
+    )
     if args.quick:
         tasks = (TASKS[0],)
         args.episodes, args.eval_seeds, args.robots = 6, 2, 2
@@ -276,26 +296,27 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. SFT, and the baselines beside it
     sft = out / "sft"
+    fit = functools.partial(train, resume=args.resume)
     sft_args = [*publish, *extra, *sft_extra]
     runs: dict[str, Any] = {
-        "sft": train("sft", 2, out / "episodes", sft, args.sft_minutes, *sft_args)
+        "sft": fit("sft", 2, out / "episodes", sft, args.sft_minutes, *sft_args)
     }
     if baseline:
-        runs["text_only"] = train("sft", 2, out / "episodes", out / "text_only", baseline,
+        runs["text_only"] = fit("sft", 2, out / "episodes", out / "text_only", baseline,
                                   "--no-image", *sft_args)  # fmt: skip
-        runs["answer_only"] = train("sft", 2, out / "episodes", out / "answer_only", baseline,
+        runs["answer_only"] = fit("sft", 2, out / "episodes", out / "answer_only", baseline,
                                     "--no-think", *sft_args)  # fmt: skip
     if args.one_rank_minutes:
-        runs["one_rank"] = train("sft", 1, out / "episodes", out / "one_rank",
+        runs["one_rank"] = fit("sft", 1, out / "episodes", out / "one_rank",
                                  args.one_rank_minutes, *sft_args)  # fmt: skip
     early = closest(sft, 60 * args.early_minutes)
 
     # 3. GRPO from an early SFT version and from the last one
     grpo_args = [*publish, *extra, *grpo_extra]
-    runs["grpo_early"] = train("grpo", 2, out / "episodes", out / "grpo_early", args.grpo_minutes,
+    runs["grpo_early"] = fit("grpo", 2, out / "episodes", out / "grpo_early", args.grpo_minutes,
                                "--init", str(early), *grpo_args)  # fmt: skip
     if args.grpo_converged_minutes:
-        runs["grpo_converged"] = train(
+        runs["grpo_converged"] = fit(
             "grpo", 2, out / "episodes", out / "grpo_converged", args.grpo_converged_minutes,
             "--init", str(sft), *grpo_args,
         )  # fmt: skip
@@ -377,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nruns")
     for name, r in runs.items():
         print(
-            f"{name:16s} {r['ranks']} rank(s) {r['steps']:6d} steps {r['samples_per_s']:7.1f} samples/s {r['wall_s']:6.0f} s wall"
+            f"{name:16s} {r['ranks']} rank(s) {r['steps']:6d} steps {r['samples_per_s']:7.1f} samples/s {r['seconds']:6.0f} s"
         )
     print(f"latency, 8 robots batched: p50 {result['latency_8_robots']['p50_ms']:.1f} ms")
     if args.json:

@@ -3,7 +3,7 @@
 Every test runs the real path: `from_pretrained` on a directory written by
 `save_pretrained`, the real processor and chat template, one real padded
 `generate`, the parser. "Scripted" checkpoints have weights set so that
-decoding emits a fixed well-formed answer (see agent/backends/tiny_vlm.py);
+decoding emits a fixed well-formed answer (see agent/cosmos/tiny.py);
 plain random checkpoints produce garbage, which exercises retries and fallback.
 """
 

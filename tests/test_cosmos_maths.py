@@ -91,6 +91,10 @@ def test_the_policy_loss_raises_what_earned_more_and_clips_far_ratios():
     loss, stats = policy_loss(far, torch.zeros(1, 3), None, torch.tensor([1.0]), mask[:1])
     loss.backward()
     assert stats.clipped == 1.0 and far.grad.abs().sum() == 0
+    far.grad = None  # the same ratio with a negative advantage is not clipped: it is pushed down
+    loss, stats = policy_loss(far, torch.zeros(1, 3), None, torch.tensor([-1.0]), mask[:1])
+    loss.backward()
+    assert stats.clipped == 0.0 and (far.grad[0, 1:] > 0).all()
     near = torch.zeros(1, 3, requires_grad=True)
     ref = torch.full((1, 3), -1.0)
     _, stats = policy_loss(near, torch.zeros(1, 3), ref, torch.tensor([0.0]), mask[:1], beta=0.1)

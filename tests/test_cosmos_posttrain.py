@@ -8,10 +8,12 @@ The model is the tiny Qwen2.5-VL look-alike built from the recorded episodes' wo
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,6 +196,32 @@ def test_a_version_without_a_parseable_answer_is_refused(recorded, tmp_path):
         load_backend("cosmos", env, str(tmp_path), temperature="0", max_new_tokens="8")
 
 
+def test_sampled_completions_never_hold_a_vision_placeholder(recorded):
+    """A model that prefers `<|image_pad|>` above all still never emits it (GRPO once sampled
+    one, and the training forward then found an image token without features)."""
+    from agent.cosmos.inference import CosmosModel
+    from agent.cosmos.tiny import build_tiny_vlm
+    from trainer.cosmos.train import texts_of
+
+    model, processor = build_tiny_vlm("qwen2_5_vl", texts_of(list(iter_episodes(recorded))))
+    cosmos = CosmosModel(model, processor, PromptSpec("reason1"))
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert pad in cosmos.media_ids
+
+    def prefer_pad(module, inputs, logits):
+        logits[..., pad] += 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(prefer_pad)
+    examples = _examples(recorded / "PickPlace-v0", cosmos)[:4]
+    prompts = [e.prompt(cosmos) for e in examples]
+    out = cosmos.generate(prompts, 12, temperature=1.0, seed=0)
+    assert not any(set(t) & set(cosmos.media_ids) for t in out.tokens)
+    batch = completion_batch(cosmos, prompts, out.tokens)  # would raise on a placeholder
+    logp = token_logprobs(cosmos.model, batch, 1.0, cosmos.media_ids)
+    assert torch.isfinite(logp).all() and (logp <= 0).all()
+
+
 def test_the_training_forward_sees_no_later_token(sft, recorded):
     """Teacher-forced log-probs of the prompt's last token equal what generation computes from
     the prompt alone: the multimodal positions of a training batch do not leak its length."""
@@ -249,7 +277,8 @@ def test_a_grpo_step_on_a_fixed_batch_raises_the_reward_of_the_sampled_answers(
         loss.backward()
         replicas.step()
     with torch.no_grad():
-        after = (token_logprobs(cosmos.model, batch, args.temperature) * mask).sum(1)
+        after = token_logprobs(cosmos.model, batch, args.temperature, cosmos.media_ids)
+        after = (after * mask).sum(1)
     weights = torch.exp(after - before)
     groups = len(rewards) // args.group
     gained = [
@@ -268,18 +297,29 @@ def test_the_cosmos_trainer_says_what_is_wrong(tmp_path):
     assert done.returncode == 0 and "sft" in done.stdout and "grpo" in done.stdout
 
 
-def test_lora_versions_hold_an_adapter_that_loads_merged_over_its_base(recorded, tmp_path):
+def test_the_documented_commands_parse():
+    """Every `python -m trainer.cosmos` command of README.md and docs/cosmos.md is one the
+    trainer accepts (run for real by the tests above and the benchmark)."""
+    root = Path(__file__).resolve().parents[1]
+    commands = []
+    for doc in ("README.md", "docs/cosmos.md"):
+        text = (root / doc).read_text().replace("\\\n", " ")
+        commands += [line for line in text.splitlines() if "-m trainer.cosmos " in line]
+    assert len(commands) >= 4, commands
+    for line in commands:
+        argv = shlex.split(line.split("-m trainer.cosmos ", 1)[1])
+        args = parse_args(argv)
+        assert args.algorithm in ("sft", "grpo") and args.episodes and args.out, line
+
+
+def test_lora_versions_hold_an_adapter_that_loads_merged_over_its_base(sft, recorded, tmp_path):
     """`--lora-rank`: the language model's linear layers get adapters, the vision tower stays
     frozen, a version holds the adapter and names its base; loading merges it."""
-    from agent.cosmos.loading import save_vlm
-    from agent.cosmos.tiny import TinySize, build_tiny_vlm
-    from trainer.cosmos.train import texts_of
+    from agent.cosmos.inference import CosmosModel
 
-    model, processor = build_tiny_vlm(
-        "qwen2_5_vl", texts_of(list(iter_episodes(recorded))), TinySize(64, 2, 32)
-    )
-    base = tmp_path / "base"
-    save_vlm(base, model, processor)
+    trained, _ = sft
+    base = trained / versions.latest_name(trained)  # a save_pretrained folder that answers
+    model = CosmosModel.load(str(base), compile="off").model
     out = tmp_path / "lora"
     cmd = trainer_command(
         1, "sft", "--episodes", str(recorded), "--out", str(out), "--base", str(base),
@@ -288,11 +328,13 @@ def test_lora_versions_hold_an_adapter_that_loads_merged_over_its_base(recorded,
     )  # fmt: skip
     summary = run(cmd, timeout_s=240, what="a LoRA SFT")
     assert (
-        summary["lora_base"] == str(base)
+        summary["lora_base"] == str(base.resolve())
         and summary["trained_parameters"] < summary["parameters"] / 4
     )
     version = checkpoint.read(out)
-    assert version.base == str(base) and "adapter_model.safetensors" in version.version.files
+    assert (
+        version.base == str(base.resolve()) and "adapter_model.safetensors" in version.version.files
+    )
     assert "model.safetensors" not in version.version.files  # the adapter only
     merged, _ = checkpoint.load(out)
     after = dict(merged.model.named_parameters())

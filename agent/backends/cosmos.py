@@ -192,16 +192,7 @@ class CosmosBackend(VersionedBackend):
         bad = [n for n, p in cosmos.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise ValueError(f"version {key} has non-finite weights ({len(bad)} tensors)")
-        warm = version.warmup
-        size = int(warm.get("image_size", 112))
-        prompt = cosmos.prompt(
-            str(warm.get("instruction", "")),
-            [str(o) for o in warm["options"]],
-            [str(h) for h in warm.get("history", [])],
-            np.zeros((size, size, 3), np.uint8),
-        )
-        text = cosmos.generate([prompt], self.options.max_new_tokens).texts[0]
-        if not parse_answer(text, cosmos.spec.style, len(warm["options"])).ok:
+        if not checkpoint.answers_warmup(cosmos, version.warmup, self.options.max_new_tokens):
             raise ValueError(f"version {key} gives no parseable answer to its warm-up decision")
         return cosmos, key
 

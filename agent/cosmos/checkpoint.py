@@ -88,6 +88,29 @@ def read(path: str | Path) -> CosmosVersion:
     return CosmosVersion(version, spec, warmup, base)
 
 
+def answers_warmup(cosmos: CosmosModel, warmup: dict[str, Any], max_new_tokens: int) -> bool:
+    """Whether `cosmos` answers its warm-up decision parseably (greedy, a black camera image):
+    the backend refuses a version that does not, so the trainer checks before it publishes."""
+    import numpy as np
+
+    from agent.cosmos.reasoning import parse_answer
+
+    size = int(warmup.get("image_size") or 112)
+    prompt = cosmos.prompt(
+        str(warmup.get("instruction", "")),
+        [str(o) for o in warmup["options"]],
+        [str(h) for h in warmup.get("history", [])],
+        np.zeros((size, size, 3), np.uint8),
+    )
+    training = cosmos.model.training
+    cosmos.model.eval()
+    try:
+        text = cosmos.generate([prompt], max_new_tokens).texts[0]
+    finally:
+        cosmos.model.train(training)
+    return parse_answer(text, cosmos.spec.style, len(warmup["options"])).ok
+
+
 def load(path: str | Path, **options: Any) -> tuple[CosmosModel, CosmosVersion]:
     """The verified version's model (`CosmosModel.load` options: device, dtype, compile, fps)."""
     from agent.cosmos.inference import CosmosModel

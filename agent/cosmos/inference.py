@@ -43,6 +43,9 @@ class Generation:
     decode_steps: int = 0
 
 
+MEDIA_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
 class CosmosModel:
     """A Cosmos-Reason1 (Qwen2.5-VL) or Cosmos-Reason2 (Qwen3-VL) model with its processor."""
 
@@ -63,6 +66,10 @@ class CosmosModel:
         self.compiled = compiled
         self.fps = fps
         self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        # Vision placeholders are the processor's to place: a completion holding one (a
+        # sampled one can) would be answered with image features nobody sent.
+        vocab = self.tokenizer.get_vocab()
+        self.media_ids = sorted(vocab[t] for t in MEDIA_TOKENS if t in vocab)
         # Fills a compiled batch up to its bucket: text only, so padding rows cost no
         # image preprocessing or vision-tower work; their answers are dropped.
         self._filler = self.prompt("", ["wait"], None, None)
@@ -175,7 +182,9 @@ class CosmosModel:
             prompts += [self._filler] * (_bucket(n) - n)
         inputs = self.encode(prompts)
         kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty
+            max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty,
+            suppress_tokens=self.media_ids or None,
         )
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)

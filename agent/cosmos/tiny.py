@@ -243,7 +243,7 @@ def script_answer(model: Any, tokenizer: Any, answer: str) -> None:
 def build_tiny_vlm(
     model_type: str = "qwen2_5_vl",
     texts: Iterable[str] = (),
-    size: TinySize = TinySize(hidden=64, layers=2, vision=32),
+    size: TinySize = TinySize(),
     *,
     seed: int = 0,
 ) -> tuple[Any, Any]:

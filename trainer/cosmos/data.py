@@ -111,7 +111,6 @@ class Examples:
     style: Style
     camera: str | None = "image"  # None: a text-only model (the blind baseline)
     items: list[Example] = field(default_factory=list)
-    episodes: int = 0
     skipped: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -127,7 +126,6 @@ class Examples:
             return 0
         with self._lock:
             self.items += new
-            self.episodes += 1 if new else 0
         return len(new)
 
     def add_all(self, episodes: Iterable[Episode], failed_weight: float = 1.0) -> int:
@@ -196,7 +194,7 @@ def completion_batch(
     if images is not None:
         batch["pixel_values"] = torch.as_tensor(np.asarray(encoded["pixel_values"]))
         batch["image_grid_thw"] = torch.as_tensor(np.asarray(encoded["image_grid_thw"]))
-    return batch
+    return {k: v.to(cosmos.device) for k, v in batch.items()}
 
 
 def target_ids(cosmos: CosmosModel, texts: Sequence[str]) -> list[list[int]]:
@@ -208,21 +206,27 @@ def target_ids(cosmos: CosmosModel, texts: Sequence[str]) -> list[list[int]]:
 
 
 def token_logprobs(
-    model: Any, batch: dict[str, torch.Tensor], temperature: float = 1.0
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    suppressed: Sequence[int] = (),
 ) -> torch.Tensor:
     """log p(token | everything before it) of the completion tokens (0 elsewhere), under the
-    distribution at `temperature` (what sampled them); (B, T).
+    distribution at `temperature` without the `suppressed` tokens (what sampled them: the
+    vision placeholders `CosmosModel.generate` never emits); (B, T).
 
     Logits are computed from the first completion token on only (`logits_to_keep`): the
     prompt's positions would cost the vocabulary projection for nothing.
     """
     mask = batch["completion_mask"]
     first = int(mask.float().argmax(1).min()) if bool(mask.any()) else mask.shape[1] - 1
-    keep = torch.arange(max(first - 1, 0), mask.shape[1] - 1)
+    keep = torch.arange(max(first - 1, 0), mask.shape[1] - 1, device=mask.device)
     inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
     logits = model(**inputs, logits_to_keep=keep).logits.float() / temperature
     targets = batch["input_ids"][:, keep + 1]
     picked = torch.gather(logits, 2, targets[:, :, None]).squeeze(2)
-    logp = torch.zeros(mask.shape, dtype=logits.dtype)
+    if suppressed:  # out of the normaliser only: prompt targets (image tokens) stay finite
+        logits = logits.index_fill(2, torch.tensor(list(suppressed), device=logits.device), -1e9)
+    logp = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device)
     logp[:, keep + 1] = picked - torch.logsumexp(logits, dim=-1)
     return logp * mask

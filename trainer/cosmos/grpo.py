@@ -33,7 +33,7 @@ def group_advantages(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class LossStats:
-    clipped: float  # share of tokens whose ratio was clipped
+    clipped: float  # share of tokens whose ratio was clipped (no gradient)
     kl: float  # mean k3 KL to the reference per token
     ratio: float  # mean ratio to the sampling policy
 
@@ -66,7 +66,9 @@ def policy_loss(
     tokens = mask.sum().clamp_min(1.0)
     loss = (per_token * mask).sum() / tokens
     with torch.no_grad():
-        clipped = ((ratio - 1).abs() > clip).float()
+        # tokens whose gradient the clip removed (the ratio past the bound the advantage pushes to)
+        clipped = ((ratio > 1 + clip) & (advantage > 0)) | ((ratio < 1 - clip) & (advantage < 0))
+        clipped = clipped.float()
         stats = LossStats(
             float((clipped * mask).sum() / tokens),
             float((kl * mask).sum() / tokens),

@@ -105,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="generated tokens per answer")
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default="", help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", default="", help="default: bfloat16 on cuda, float32 on cpu "
+                   "(tiny look-alikes: float32)")  # fmt: skip
     grpo = p.add_argument_group("GRPO")
     grpo.add_argument("--group", type=int, default=8, help="completions per prompt")
     grpo.add_argument("--kl", type=float, default=0.005, help="weight of the KL to the reference")
@@ -116,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_job_args(p, args, 1000, ("batch_size", "group", "updates", "max_new_tokens"))
     if args.algorithm == "grpo" and args.init is None and versions.latest_name(args.out) is None:
         p.error("grpo needs --init CKPT (an SFT version to start from)")
+    if not args.temperature > 0:
+        p.error("--temperature must be > 0 (GRPO samples its completions)")
     if args.shuffle is None:
         args.shuffle = 1.0 if args.algorithm == "grpo" else 0.0
     for name in ("shuffle", "drop_history"):
@@ -151,13 +154,18 @@ def start_model(
     checkpoint; (model, what it is, the checkpoint a LoRA adapter applies to)."""
     placement = dict(device=args.device, dtype=args.dtype, compile="off")
     init = args.init
-    if init is None and not args.fresh and versions.latest_name(args.out) is not None:
-        init = args.out
+    if not args.fresh and versions.latest_name(args.out) is not None:
+        init = args.out  # the same command again continues where it stopped
     if init is not None:
         try:
             version = checkpoint.read(init)
         except checkpoint.CheckpointError as exc:
             raise SystemExit(f"trainer.cosmos: cannot start from {init}: {exc}") from None
+        asked = PromptSpec(version.spec.style, args.history, image=not args.no_image)
+        if (asked.history, asked.image) != (version.spec.history, version.spec.image):
+            ranks.say(f"continues {version.path} as it was trained: history "
+                      f"{version.spec.history}, image {'on' if version.spec.image else 'off'} "
+                      "(--history and --no-image shape new models only)")  # fmt: skip
         if version.base is None:
             cosmos = CosmosModel.load(str(version.path), spec=version.spec, **placement)
         else:  # a LoRA version: its adapter, trained further over its base
@@ -181,7 +189,9 @@ def start_model(
         if len(set(ranks.gather_text(digest, "cosmos.tokenizer"))) != 1:
             raise SystemExit("trainer.cosmos: ranks built different tokenizers (other episodes?)")
         spec = PromptSpec(style_for_model_type(model_type), args.history, image=not args.no_image)
-        return CosmosModel(model.to(args.device or "cpu"), processor, spec), args.base, None
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = model.to(device, getattr(torch, args.dtype or "float32"))
+        return CosmosModel(model, processor, spec), args.base, None
     try:
         cosmos = CosmosModel.load(args.base, **placement)
     except (OSError, ValueError) as exc:
@@ -190,22 +200,30 @@ def start_model(
     return cosmos, args.base, None
 
 
-def add_lora(cosmos: CosmosModel, args: argparse.Namespace, lora_base: str | None) -> str | None:
+def add_lora(
+    cosmos: CosmosModel, args: argparse.Namespace, lora_base: str | None, from_version: bool
+) -> str | None:
     """LoRA on the language model's linear layers (the vision tower frozen) for large models, or
     full fine-tuning; returns the checkpoint the adapter applies to (None: full)."""
     if lora_base is not None:
         return lora_base  # a LoRA version, trained further as it is
+    if from_version:  # a fully fine-tuned version goes on in full: an adapter would drop it
+        if args.lora_rank:
+            raise SystemExit("trainer.cosmos: --lora-rank starts from --base MODEL, not from "
+                             "a fully fine-tuned version")  # fmt: skip
+        return None
     count = sum(p.numel() for p in cosmos.model.parameters())
     rank = args.lora_rank if args.lora_rank is not None else (16 if count > LARGE else 0)
     if rank <= 0:
         return None
-    if args.base.startswith(TINY) or args.init is not None:
+    if args.base.startswith(TINY):
         raise SystemExit("trainer.cosmos: LoRA needs --base MODEL, a checkpoint to apply it to")
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=args.lora_alpha or 2 * rank, target_modules=LORA_TARGETS)
     cosmos.model = get_peft_model(cosmos.model, config)
-    return args.base
+    local = Path(args.base)
+    return str(local.resolve()) if local.is_dir() else args.base  # loadable from anywhere
 
 
 # --------------------------------------------------------------------------- the steps
@@ -219,8 +237,9 @@ def sft_step(
     prompts = [e.prompt(cosmos) for e in examples]
     targets = target_ids(cosmos, [e.target(cosmos.spec.style, not args.no_think) for e in examples])
     batch = completion_batch(cosmos, prompts, targets)
-    mask = batch["completion_mask"].float() * torch.tensor([e.weight for e in examples])[:, None]
-    logp = token_logprobs(cosmos.model, batch)
+    weights = torch.tensor([e.weight for e in examples], device=batch["input_ids"].device)
+    mask = batch["completion_mask"].float() * weights[:, None]
+    logp = token_logprobs(cosmos.model, batch, suppressed=cosmos.media_ids)
     loss = -(logp * mask).sum() / mask.sum().clamp_min(1e-9)
     return loss, {"target_tokens": float(batch["completion_mask"].sum()) / len(examples)}
 
@@ -262,7 +281,7 @@ class GrpoStep:
                     cosmos, [prompts[i] for i in keep], [out.tokens[i] for i in keep]
                 )
                 with torch.no_grad():
-                    old = token_logprobs(cosmos.model, batch, args.temperature)
+                    old = token_logprobs(cosmos.model, batch, args.temperature, cosmos.media_ids)
         self.groups += len(examples)
         self.flat_groups += int(flat.sum())
         stats = {
@@ -280,20 +299,24 @@ class GrpoStep:
             with torch.no_grad():
                 if self.lora:
                     with cosmos.model.disable_adapter():
-                        ref = token_logprobs(cosmos.model, batch, args.temperature)
+                        ref = token_logprobs(
+                            cosmos.model, batch, args.temperature, cosmos.media_ids
+                        )
                 else:
-                    ref = token_logprobs(self.reference, batch, args.temperature)
+                    ref = token_logprobs(self.reference, batch, args.temperature, cosmos.media_ids)
         return {
             "batch": batch,
             "old": old,
             "ref": ref,
-            "advantages": advantages.view(-1)[keep],
+            "advantages": advantages.view(-1)[keep].to(batch["input_ids"].device),
             "stats": stats,
         }
 
     def loss(self, sampled: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = sampled["batch"]
-        logp = token_logprobs(self.cosmos.model, batch, self.args.temperature)
+        logp = token_logprobs(
+            self.cosmos.model, batch, self.args.temperature, self.cosmos.media_ids
+        )
         loss, stats = policy_loss(
             logp,
             sampled["old"],
@@ -311,13 +334,17 @@ class GrpoStep:
 
 class Publisher:
     """Rank 0: validates the weights by generating on held-out decisions, and publishes them as
-    a Cosmos version unless they answer worse than the last published one."""
+    a Cosmos version unless they answer worse than the best published one (a resumed run:
+    than the version it continues)."""
 
     def __init__(self, args: argparse.Namespace, metrics: Metrics, lora_base: str | None):
         self.args, self.metrics, self.lora_base = args, metrics, lora_base
         self.last_time, self.last_step = time.monotonic(), -1
         self.published, self.latest = 0, None
-        self.best: Evaluation | None = None
+        self.best: float | None = None  # the best held-out accuracy published
+        if not args.fresh and versions.latest_name(args.out) is not None:
+            recorded = checkpoint.read(args.out).version.manifest.get("metrics") or {}
+            self.best = (recorded.get("validation") or {}).get("accuracy")
         self.last: Evaluation | None = None
 
     def due(self, step: int) -> bool:
@@ -338,34 +365,37 @@ class Publisher:
         result = evaluate(cosmos, validation, max_new_tokens=self.args.max_new_tokens)
         self.last = result
         accuracy = None if result is None else result.accuracy
-        dropped = (
-            result is not None and self.best is not None and result.accuracy < self.best.accuracy
-        )
+        warm = {
+            "instruction": warmup.instruction,
+            "options": list(warmup.options),
+            "history": list(warmup.history or ()),
+            "image_size": 0 if warmup.image is None else int(warmup.image.shape[0]),
+        }
+        if result is not None and self.best is not None and result.accuracy < self.best:
+            refusal = f"held-out accuracy {accuracy:.3f} < {self.best:.3f}; kept"
+        elif result is not None and result.parse_rate == 0:
+            refusal = "no held-out answer parses yet; not published"
+        elif not checkpoint.answers_warmup(cosmos, warm, self.args.max_new_tokens):
+            refusal = "its warm-up decision gets no parseable answer (the backend would refuse it)"
+        else:
+            refusal = None
         self.metrics.log(
             {
                 "step": step,
                 "validation_accuracy": accuracy,
                 "validation": None if result is None else result.as_dict(),
-                "published": not dropped and (result is None or result.parse_rate > 0),
+                "published": refusal is None,
             }
         )
-        if dropped:
-            say(f"step {step}: held-out accuracy {accuracy:.3f} < {self.best.accuracy:.3f}; kept")
-            return
-        if result is not None and result.parse_rate == 0:
-            say(f"step {step}: no held-out answer parses yet; not published")
+        if refusal is not None:
+            say(f"step {step}: {refusal}")
             return
         path = checkpoint.publish(
             self.args.out,
             cosmos.model,
             cosmos.processor,
             cosmos.spec,
-            warmup={
-                "instruction": warmup.instruction,
-                "options": list(warmup.options),
-                "history": list(warmup.history or ()),
-                "image_size": 0 if warmup.image is None else int(warmup.image.shape[0]),
-            },
+            warmup=warm,
             step=step,
             base=self.lora_base,
             args=recorded_args(self.args),
@@ -379,7 +409,7 @@ class Publisher:
         self.published += 1
         self.latest = path.name
         if result is not None:
-            self.best = result
+            self.best = result.accuracy
         acc = "n/a" if result is None else f"{result.accuracy:.3f} (parsed {result.parse_rate:.2f})"
         say(f"published {path} (step {step}, held-out accuracy {acc})")
 
@@ -410,7 +440,7 @@ def train(args: argparse.Namespace, ranks: Ranks) -> int:
     # -- data and the model: every rank reads every episode, keeps its shard
     episodes = wait_for_episodes(args.episodes, args.min_episodes, args.follow, ranks, stop)
     cosmos, start, lora_base = start_model(args, episodes, ranks)
-    lora_base = add_lora(cosmos, args, lora_base)
+    lora_base = add_lora(cosmos, args, lora_base, start != args.base)
     model = cosmos.model
     style, camera = cosmos.spec.style, "image" if cosmos.spec.image else None
     data = Data(Examples(style, camera), Examples(style, camera), args.failed_weight)
@@ -443,11 +473,11 @@ def train(args: argparse.Namespace, ranks: Ranks) -> int:
     publisher = Publisher(args, metrics, lora_base) if ranks.rank == 0 else None
     if ranks.rank == 0:
         versions.remove_stale_tmp(args.out)
-    validation = data.validation.all(args.validation_limit)
-    warmup = (validation or data.train.all(1))[0]
 
     def publish(final: bool) -> None:
         assert publisher is not None
+        validation = data.validation.all(args.validation_limit)  # grows with --follow
+        warmup = (validation or data.train.all(1))[0]
         with replicas.exclusive():  # whole weights: no sync round in the middle
             publisher.consider(cosmos, validation, warmup, step, dict(data.watermark), final)
 
@@ -475,13 +505,14 @@ def train(args: argparse.Namespace, ranks: Ranks) -> int:
         else:
             sampled = grpo.sample(examples, rng)
             logged = dict(sampled["stats"])
-            for _ in range(args.updates if "batch" in sampled else 0):
-                loss, more = grpo.loss(sampled)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                replicas.step()
-                logged.update(more, loss=loss.item())
+            for _ in range(args.updates):  # as many steps on every rank, signal or not:
+                optimizer.zero_grad(set_to_none=True)  # allreduce pairs them, ShadowSync ticks
+                if "batch" in sampled:
+                    loss, more = grpo.loss(sampled)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                    logged.update(more, loss=loss.item())
+                replicas.step()  # no gradient: AdamW leaves the weights; allreduce sends zeros
         train_s += time.perf_counter() - t0
         step += 1
         samples_seen += len(examples) * (args.group if grpo else 1)
