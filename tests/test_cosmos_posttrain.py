@@ -222,6 +222,23 @@ def test_sampled_completions_never_hold_a_vision_placeholder(recorded):
     assert torch.isfinite(logp).all() and (logp <= 0).all()
 
 
+def test_the_trainer_does_not_publish_what_the_backend_would_refuse(recorded, tmp_path):
+    """A model that cannot answer its warm-up decision is not published (the backend's check)."""
+    from agent.cosmos.inference import CosmosModel
+    from agent.cosmos.tiny import build_tiny_vlm
+    from trainer.cosmos.train import Publisher, texts_of
+    from trainer.metrics import Metrics
+
+    args = parse_args(["sft", "--episodes", str(recorded), "--out", str(tmp_path / "o")])
+    model, processor = build_tiny_vlm("qwen2_5_vl", texts_of(list(iter_episodes(recorded))))
+    cosmos = CosmosModel(model, processor, PromptSpec("reason1"))  # random: babbles
+    warmup = _examples(recorded / "PickPlace-v0", cosmos)[0]
+    metrics = Metrics(args.out)
+    Publisher(args, metrics, None).consider(cosmos, [], warmup, 1, {}, final=True)
+    assert versions.latest_name(args.out) is None
+    assert metrics.records[-1]["published"] is False
+
+
 def test_the_training_forward_sees_no_later_token(sft, recorded):
     """Teacher-forced log-probs of the prompt's last token equal what generation computes from
     the prompt alone: the multimodal positions of a training batch do not leak its length."""

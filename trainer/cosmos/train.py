@@ -342,9 +342,10 @@ class Publisher:
         self.last_time, self.last_step = time.monotonic(), -1
         self.published, self.latest = 0, None
         self.best: float | None = None  # the best held-out accuracy published
-        if not args.fresh and versions.latest_name(args.out) is not None:
-            recorded = checkpoint.read(args.out).version.manifest.get("metrics") or {}
-            self.best = (recorded.get("validation") or {}).get("accuracy")
+        latest = None if args.fresh else versions.latest_name(args.out)
+        if latest is not None:  # verified by start_model: its manifest only, not the hashes again
+            manifest = json.loads((Path(args.out) / latest / versions.MANIFEST).read_text())
+            self.best = ((manifest.get("metrics") or {}).get("validation") or {}).get("accuracy")
         self.last: Evaluation | None = None
 
     def due(self, step: int) -> bool:
